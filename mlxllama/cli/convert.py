@@ -1,0 +1,68 @@
+"""`mlxllama convert` and `mlxllama models`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+@click.command("convert")
+@click.argument("src")
+@click.option("--output", "-o", "out", required=True, type=click.Path(), help="Output model folder.")
+@click.option("--bits", "-q", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True,
+              help="Bits per weight for quantized layers.")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Quantization group size.")
+@click.option("--no-quantize", is_flag=True, help="Keep the weights in float.")
+@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_6", "mixed_4_6"]), default=None,
+              help="Mixed precision: more bits for embeddings, head and sensitive projections.")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="Dtype of what stays float (default: the checkpoint's).")
+@click.option("--dequantize", is_flag=True, help="Turn a quantized MLX model back into float.")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def convert_command(src, out, bits, group_size, no_quantize, recipe, dtype, dequantize, max_shard_size, force):
+    """Convert a Hugging Face checkpoint (folder or repo id), a .gguf file or an MLX model into a
+    (quantized) MLX model folder."""
+    from convert import convert
+
+    report = convert(src, out, bits=int(bits), group_size=int(group_size), quantize=not no_quantize,
+                     dtype=dtype, recipe=recipe, dequantize=dequantize, max_shard_size=max_shard_size,
+                     force=force, progress=True)
+    click.echo(f"wrote {report.out}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits per weight")
+
+
+def describe_quantization(config: dict) -> str:
+    q = config.get("quantization")
+    if not q:
+        return "float"
+    overrides = sum(1 for v in q.values() if isinstance(v, (dict, bool)))
+    text = f"{q.get('bits')}-bit g{q.get('group_size')}"
+    return text + (f" (+{overrides} per-module)" if overrides else "")
+
+
+@click.command("models")
+def models_command():
+    """List the models in the mlxllama cache with their size and quantization."""
+    from ..hub import cache_home
+
+    root = cache_home() / "models"
+    rows = []
+    for d in sorted(root.glob("*")) if root.is_dir() else []:
+        cfg = d / "config.json"
+        if not cfg.is_file():
+            continue
+        try:
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue
+        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+        rows.append((d.name, f"{size / 1e6:.1f} MB", describe_quantization(config), str(d)))
+    if not rows:
+        click.echo(f"no models in {root} (the default model is fetched on first use)")
+        return
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3])

@@ -1,0 +1,119 @@
+"""Samplers and logits processors as small pure functions.
+
+sampler(logprobs (B, V)) -> tokens (B,)     processor(tokens (L,) or (B, L), logits (B, V)) -> logits
+Randomness is explicit: a sampler made with a seed owns its PRNG key and splits it per call.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import mlx.core as mx
+
+from .errors import InputError
+
+Sampler = Callable[[mx.array], mx.array]
+Processor = Callable[[mx.array, mx.array], mx.array]
+
+
+def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                   repetition_penalty: float | None = None) -> None:
+    """Raises InputError naming the first out-of-range value."""
+    if not (temp >= 0 and math.isfinite(temp)):
+        raise InputError(f"temperature must be >= 0, got {temp}")
+    if not 0 < top_p <= 1:
+        raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise InputError(f"top_k must be >= 0, got {top_k}")
+    if not 0 <= min_p < 1:
+        raise InputError(f"min_p must be in [0, 1), got {min_p}")
+    if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
+        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+
+
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)  # (B,)
+
+
+def apply_top_k(logprobs: mx.array, k: int) -> mx.array:
+    if k <= 0 or k >= logprobs.shape[-1]:
+        return logprobs
+    kth = mx.sort(logprobs, axis=-1)[..., -k][..., None]  # (B, 1)
+    return mx.where(logprobs >= kth, logprobs, -mx.inf)
+
+
+def apply_top_p(logprobs: mx.array, p: float) -> mx.array:
+    """Keeps the smallest set of tokens whose probability mass reaches p."""
+    if p >= 1.0:
+        return logprobs
+    order = mx.argsort(-logprobs, axis=-1)  # (B, V) descending
+    sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+    probs = mx.softmax(sorted_lp, axis=-1)
+    cum_before = mx.cumsum(probs, axis=-1) - probs  # mass strictly before each token
+    keep_sorted = cum_before < p
+    keep = mx.zeros_like(keep_sorted)
+    keep = mx.put_along_axis(keep, order, keep_sorted, axis=-1)
+    return mx.where(keep, logprobs, -mx.inf)
+
+
+def apply_min_p(logprobs: mx.array, min_p: float) -> mx.array:
+    """Drops tokens whose probability is below min_p times the top token's."""
+    if min_p <= 0:
+        return logprobs
+    top = mx.max(logprobs, axis=-1, keepdims=True)
+    return mx.where(logprobs >= top + math.log(min_p), logprobs, -mx.inf)
+
+
+def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 seed: int | None = None) -> Sampler:
+    """Greedy at temperature 0; otherwise top-k, top-p and min-p filtering then categorical sampling."""
+    check_sampling(temp, top_p, top_k, min_p)
+    if temp == 0:
+        return greedy
+    state = {"key": mx.random.key(seed) if seed is not None else None}
+
+    def sample(logprobs: mx.array) -> mx.array:
+        lp = apply_min_p(apply_top_p(apply_top_k(logprobs, top_k), top_p), min_p)
+        if state["key"] is None:
+            return mx.random.categorical(lp * (1 / temp), axis=-1)
+        state["key"], sub = mx.random.split(state["key"])
+        return mx.random.categorical(lp * (1 / temp), axis=-1, key=sub)
+
+    return sample
+
+
+def make_repetition_penalty(penalty: float, context_size: int = 20) -> Processor:
+    """CTRL-style penalty on tokens seen in the last context_size positions."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        if tokens.size == 0:
+            return logits
+        recent = tokens[..., -context_size:]
+        recent = recent.reshape(logits.shape[0], -1) if recent.ndim == 2 or logits.shape[0] == 1 else recent
+        picked = mx.take_along_axis(logits, recent, axis=-1)
+        picked = mx.where(picked < 0, picked * penalty, picked / penalty)
+        return mx.put_along_axis(logits, recent, picked, axis=-1)
+
+    return process
+
+
+def make_logit_bias(bias: dict[int, float]) -> Processor:
+    ids = mx.array(list(bias.keys()), dtype=mx.int32)
+    values = mx.array(list(bias.values()), dtype=mx.float32)
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return logits.at[:, ids].add(values.astype(logits.dtype))
+
+    return process
+
+
+def make_logits_processors(logit_bias: dict[int, float] | None = None, repetition_penalty: float | None = None,
+                           repetition_context_size: int = 20) -> list[Processor]:
+    check_sampling(repetition_penalty=repetition_penalty)
+    processors = []
+    if logit_bias:
+        processors.append(make_logit_bias(logit_bias))
+    if repetition_penalty is not None and repetition_penalty != 1.0:
+        processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    return processors
