@@ -1,0 +1,106 @@
+"""The transformer: parity with mlx-lm's llama, cache decoding, batches with left padding."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlxllama.generate import padding_mask
+from mlxllama.loader import load_model
+from mlxllama.models import KVCache, RotatingKVCache
+from tinymodels import CONFIGS, make_model, write_model
+
+TOKENS = mx.array([[3, 17, 42, 7, 99, 250, 11, 5, 64, 128]], dtype=mx.int32)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_logits_match_mlx_lm(tmp_path, name):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    write_model(tmp_path, name, tokenizer=False)
+    ours, _ = load_model(tmp_path)
+    theirs, _ = mlx_lm_load(tmp_path)
+    a, b = np.array(ours(TOKENS)), np.array(theirs(TOKENS))
+    assert a.shape == (1, TOKENS.shape[1], 300)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert np.abs(a).max() > 0.1  # not a degenerate model
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 64), (3, 32)])
+def test_quantized_checkpoint_matches_mlx_lm(tmp_path, bits, group):
+    from mlx_lm.utils import load_model as mlx_lm_load
+
+    write_model(tmp_path, "untied", quantize={"group_size": group, "bits": bits}, tokenizer=False)
+    quantized, _ = load_model(tmp_path, dense=False)
+    dense, _ = load_model(tmp_path, dense=True)
+    theirs, _ = mlx_lm_load(tmp_path)
+    ref = np.array(theirs(TOKENS))
+    np.testing.assert_allclose(np.array(quantized(TOKENS)), ref, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.array(dense(TOKENS)), ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "qwen2_bias", "llama3_rope"])
+def test_cached_decoding_equals_full_forward(name):
+    model, _ = make_model(name)
+    full = model(TOKENS)  # (1, L, V)
+    cache = model.make_cache()
+    steps = [model(TOKENS[:, :4], cache=cache)]  # a prefill chunk, then one token at a time
+    for i in range(4, TOKENS.shape[1]):
+        steps.append(model(TOKENS[:, i : i + 1], cache=cache))
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), np.array(full), atol=1e-5)
+    assert cache[0].offset == TOKENS.shape[1]
+
+
+def test_batch_with_left_padding_equals_each_alone():
+    model, _ = make_model("gqa_tied")
+    prompts = [[5, 9, 13, 200, 7], [8, 1], [40, 41, 42]]
+    longest = max(map(len, prompts))
+    pad = mx.array([longest - len(p) for p in prompts])
+    batch = mx.array([[0] * (longest - len(p)) + p for p in prompts], dtype=mx.int32)
+    cache = model.make_cache()
+    logits = model(batch, cache=cache, mask=padding_mask(pad, 0, longest))[:, -1]
+    nxt = mx.argmax(logits, axis=-1)
+    logits2 = model(nxt[:, None], cache=cache, mask=padding_mask(pad, longest, 1))[:, -1]
+    for b, p in enumerate(prompts):
+        c = model.make_cache()
+        alone = model(mx.array([p]), cache=c)[:, -1]
+        np.testing.assert_allclose(np.array(logits[b]), np.array(alone[0]), atol=1e-4)
+        alone2 = model(nxt[b : b + 1, None], cache=c)[:, -1]
+        np.testing.assert_allclose(np.array(logits2[b]), np.array(alone2[0]), atol=1e-4)
+
+
+def test_kv_cache_grows_in_chunks_and_trims():
+    cache = KVCache()
+    for i in range(300):
+        k = mx.full((1, 2, 1, 4), float(i))
+        keys, _ = cache.update_and_fetch(k, k)
+    assert keys.shape[2] == 300 and cache.keys.shape[2] == 512  # two chunks of 256, not 300 concatenates
+    assert cache.trim(10) == 10 and cache.offset == 290
+    keys, _ = cache.update_and_fetch(mx.full((1, 2, 1, 4), -1.0), mx.full((1, 2, 1, 4), -1.0))
+    assert keys.shape[2] == 291 and keys[0, 0, -1, 0].item() == -1 and keys[0, 0, -2, 0].item() == 289
+
+
+def test_rotating_cache_keeps_sinks_and_recent():
+    cache = RotatingKVCache(max_size=8, keep=2)
+    cache.update_and_fetch(*(mx.arange(5, dtype=mx.float32).reshape(1, 1, 5, 1),) * 2)  # prefill 0..4
+    for i in range(5, 20):
+        k = mx.full((1, 1, 1, 1), float(i))
+        keys, _ = cache.update_and_fetch(k, k)
+    assert keys.shape[2] == 8
+    assert sorted(np.array(keys).ravel().tolist()) == [0, 1, 14, 15, 16, 17, 18, 19]
+    assert cache.offset == 20
+
+
+def test_rotating_cache_generation_runs_past_its_size():
+    model, _ = make_model("gqa_tied")
+    cache = model.make_cache(max_kv_size=16)
+    model(mx.array([list(range(1, 30))]), cache=cache)
+    for t in range(40):
+        out = model(mx.array([[t + 1]]), cache=cache)
+    assert np.isfinite(np.array(out)).all() and cache[0].offset == 69
+
+
+def test_model_args_ignore_unknown_keys():
+    model, config = make_model("gqa_tied", some_future_key=123)
+    assert model.args.extra["some_future_key"] == 123
+    assert len(tree_flatten(model.parameters())) > 0
