@@ -71,8 +71,10 @@ def load_weights(files: list[Path]) -> dict[str, mx.array]:
     return weights
 
 
-def model_classes(config: dict[str, Any]):
+def model_classes(config: dict[str, Any], config_path: Path):
     model_type = config.get("model_type")
+    if not model_type:
+        raise ConfigError(f"{config_path} is missing required key(s): model_type")
     if model_type in SUPPORTED_MODEL_TYPES:
         return Model, ModelArgs
     try:  # the fallback zoo for architectures outside the Llama family
@@ -194,7 +196,7 @@ def load_model(
     """Builds the model from a folder. dense=None: run quantized layers dense on CPU when they fit."""
     model_dir = resolve_model(path)
     config = load_config(model_dir)
-    model_class, args_class = model_classes(config)
+    model_class, args_class = model_classes(config, model_dir / "config.json")
     try:
         args = args_class.from_dict(config)
     except KeyError as e:

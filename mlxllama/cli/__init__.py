@@ -61,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     except MlxllamaError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
-    except click.exceptions.Abort:
-        click.echo("", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("\n[interrupted]", err=True)
         sys.exit(130)
     except click.ClickException as e:
