@@ -31,7 +31,7 @@ def default_model_path() -> Path:
         return path
     from convert.default_model import build_default_model  # lazy: only on first use
 
-    return Path(build_default_model(cache_home()))
+    return Path(build_default_model(cache_home(), progress=True))
 
 
 def is_repo_id(text: str) -> bool:
@@ -54,12 +54,12 @@ def resolve_model(path_or_repo: str | os.PathLike | None) -> Path:
     return download_repo(text)
 
 
-def download_repo(repo_id: str) -> Path:
-    """Fetches an MLX model repo with huggingface_hub (its own cache); one line when that fails."""
+def download_repo(repo_id: str, patterns: list[str] | None = None) -> Path:
+    """Fetches a model repo with huggingface_hub (its own cache); one line when that fails."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo_id, allow_patterns=HF_PATTERNS))
+        return Path(snapshot_download(repo_id, allow_patterns=patterns or HF_PATTERNS))
     except Exception as e:  # offline, unknown repo, gated, ...
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelNotFoundError(

@@ -116,3 +116,21 @@ def test_chat_session_reuses_cache(tiny):
 def test_help_lists_commands():
     r = run("--help")
     assert r.exit_code == 0 and "generate" in r.output and "chat" in r.output
+
+
+def test_convert_then_generate_and_list_models(tiny, tmp_path):
+    home = tmp_path / "home"
+    out = home / "models" / "tiny-4bit"
+    env = {**os.environ, "MLXLLAMA_HOME": str(home)}
+    r = mlxllama("convert", tiny, "-o", str(out), "--bits", "4", "--group-size", "32", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "bits per weight" in r.stdout
+    r = mlxllama("generate", "--model", str(out), "--prompt", "hello", "-n", "3", env=env)
+    assert r.returncode == 0, r.stderr
+    r = mlxllama("models", env=env)
+    assert r.returncode == 0 and "tiny-4bit" in r.stdout and "4-bit g32" in r.stdout
+    r = mlxllama("convert", tiny, "-o", str(out), env=env)  # exists: refused, nothing touched
+    assert r.returncode == 1 and "already exists" in r.stderr and r.stderr.count("\n") == 1
+    assert (out / "config.json").is_file()
+    r = mlxllama("convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o2"), env=env)
+    assert r.returncode == 1 and "missing" in r.stderr and not (tmp_path / "o2").exists()

@@ -11,12 +11,13 @@ import click
 @click.command("convert")
 @click.argument("src")
 @click.option("--output", "-o", "out", required=True, type=click.Path(), help="Output model folder.")
-@click.option("--bits", "-q", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default="4", show_default=True,
-              help="Bits per weight for quantized layers.")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
-              help="Quantization group size.")
+@click.option("--bits", "-q", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+              help="Bits per weight (default 4; tensors a GGUF or MLX source already quantized stay as they are "
+                   "unless --bits or --group-size is given).")
+@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+              help="Quantization group size (default 64).")
 @click.option("--no-quantize", is_flag=True, help="Keep the weights in float.")
-@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_6", "mixed_4_6"]), default=None,
+@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]), default=None,
               help="Mixed precision: more bits for embeddings, head and sensitive projections.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Dtype of what stays float (default: the checkpoint's).")
@@ -28,7 +29,7 @@ def convert_command(src, out, bits, group_size, no_quantize, recipe, dtype, dequ
     (quantized) MLX model folder."""
     from convert import convert
 
-    report = convert(src, out, bits=int(bits), group_size=int(group_size), quantize=not no_quantize,
+    report = convert(src, out, bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None, quantize=not no_quantize,
                      dtype=dtype, recipe=recipe, dequantize=dequantize, max_shard_size=max_shard_size,
                      force=force, progress=True)
     click.echo(f"wrote {report.out}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits per weight")

