@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import mlxllama  # noqa: F401  (first: it loads the optimized BLAS before anything imports mlx.core)
+
 
 def _cache_home() -> Path:
     return Path(os.environ.get("MLXLLAMA_HOME") or Path.home() / ".cache" / "mlxllama").expanduser()

@@ -1,0 +1,36 @@
+"""`mlxllama serve`: an OpenAI-compatible HTTP server for one model."""
+
+from __future__ import annotations
+
+import click
+
+from .options import model_options
+
+
+@click.command("serve")
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback exposes the model to the network: use --api-key.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--api-key", envvar="MLXLLAMA_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every /v1 request (or set MLXLLAMA_API_KEY).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests decoded together in one batch.")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait for a batch slot; beyond that the server answers 429.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
+              help="Largest request body accepted (413 beyond).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+              help="max_tokens for requests that do not set it.")
+@click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=1.0, show_default=True,
+              help="temperature for requests that do not set it (1.0 is the OpenAI API's default; 0: greedy).")
+@click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
+              show_default=True)
+def serve_command(model, adapter_path, dtype, host, port, api_key, max_batch, max_queue, max_body_bytes,
+                  max_tokens, temperature, log_level):
+    """Serve a model over the OpenAI API (chat and text completions, streamed or not)."""
+    from ..serve import serve
+
+    serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
+          max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
+          log_level=log_level)

@@ -1,0 +1,59 @@
+"""OpenAI-compatible HTTP server: `mlxllama serve` (see app.py for the routes, engine.py for scheduling)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+from .app import create_app
+
+__all__ = ["create_app", "model_id_for", "serve"]
+
+LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
+
+log = logging.getLogger("mlxllama.serve")
+
+
+def model_id_for(model: str | os.PathLike | None, model_dir: str) -> str:
+    """The name clients use for the served model: the repo id the user gave, else the folder name."""
+    from ..hub import DEFAULT_MODEL_NAME, is_repo_id
+
+    if model is None or str(model) == "":
+        return DEFAULT_MODEL_NAME
+    text = str(model)
+    if is_repo_id(text) and not os.path.isdir(text):
+        return text
+    return os.path.basename(os.path.normpath(model_dir)) or text
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = None, host: str = "127.0.0.1",
+          port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
+          max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 1.0,
+          dtype: str | None = None, log_level: str = "info") -> None:
+    """Loads the model and serves it until interrupted."""
+    import uvicorn
+
+    from ..loader import load
+
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    model_id = model_id_for(model, llm.model_dir)
+    loopback = is_loopback(host)
+    app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
+                     max_body_bytes=max_body_bytes, default_max_tokens=max_tokens, default_temperature=temperature,
+                     allowed_hosts=LOOPBACK_NAMES if loopback else None)
+    logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
+    if not loopback and api_key is None:
+        log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)
+    shown = f"[{host}]" if ":" in host else host
+    log.info("serving %r on http://%s:%d/v1", model_id, shown, port)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

@@ -1,0 +1,92 @@
+"""Response bodies and stream chunks in the OpenAI formats (chat.completion, text_completion)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from .engine import Done, TokenLogprob
+
+
+def usage(done: Done) -> dict[str, int]:
+    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens}
+
+
+class Formatter:
+    """Builds the bodies of one response; `kind` is "chat" or "completion"."""
+
+    def __init__(self, kind: str, model_id: str, tokenizer, logprobs: int | None):
+        self.kind, self.model_id, self.tokenizer, self.k = kind, model_id, tokenizer, logprobs
+        prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+        self.id = prefix + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+        self.text_offset = 0  # completions: where the next token starts in the generated text
+
+    def _head(self, chunk: bool) -> dict[str, Any]:
+        obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model_id,
+                "system_fingerprint": None}
+
+    # -- logprobs ------------------------------------------------------------------------------
+
+    def _token(self, token: int) -> tuple[str, list[int]]:
+        data = self.tokenizer.token_bytes(token)
+        return data.decode("utf-8", errors="replace"), list(data)
+
+    def logprobs(self, items: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.k is None:
+            return None
+        if self.kind == "chat":
+            content = []
+            for it in items:
+                text, data = self._token(it.token)
+                top = [dict(zip(("token", "bytes"), self._token(t)), logprob=lp) for t, lp in it.top]
+                content.append({"token": text, "logprob": it.logprob, "bytes": data, "top_logprobs": top})
+            return {"content": content, "refusal": None}
+        tokens, offsets = [], []
+        for it in items:
+            text = self._token(it.token)[0]
+            tokens.append(text)
+            offsets.append(self.text_offset)
+            self.text_offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [it.logprob for it in items],
+            "top_logprobs": [{self._token(t)[0]: lp for t, lp in it.top} for it in items],
+            "text_offset": offsets,
+        }
+
+    # -- whole responses -------------------------------------------------------------------------
+
+    def response(self, text: str, items: list[TokenLogprob], done: Done) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
+                      "logprobs": self.logprobs(items), "finish_reason": done.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": self.logprobs(items), "finish_reason": done.finish_reason}
+        return {**self._head(False), "choices": [choice], "usage": usage(done)}
+
+    # -- stream chunks ---------------------------------------------------------------------------
+
+    def chunk(self, text: str | None, items: list[TokenLogprob], finish_reason: str | None = None,
+              role: bool = False, with_usage_field: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(items) if items else None,
+                      "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(items) if items else None,
+                      "finish_reason": finish_reason}
+        body = {**self._head(True), "choices": [choice]}
+        if with_usage_field:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, done: Done) -> dict[str, Any]:
+        return {**self._head(True), "choices": [], "usage": usage(done)}

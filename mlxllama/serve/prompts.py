@@ -1,0 +1,58 @@
+"""A checked request -> token ids and generation settings for the engine."""
+
+from __future__ import annotations
+
+from ..errors import MlxllamaError
+from ..generate import context_length
+from .engine import GenRequest
+from .schemas import APIError, Parsed, bad
+
+
+def prompt_tokens(parsed: Parsed, tokenizer, vocab_size: int) -> list[int]:
+    if parsed.kind == "chat":
+        try:
+            tokens = list(tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True, tokenize=True))
+        except MlxllamaError as e:  # the template rejected the conversation (raise_exception)
+            raise bad("messages", str(e)) from None
+    elif isinstance(parsed.prompt, str):
+        if not parsed.prompt:
+            raise bad("prompt", "'prompt' is empty")
+        tokens = tokenizer.encode(parsed.prompt)
+    else:
+        tokens = list(parsed.prompt)
+        wrong = next((t for t in tokens if not 0 <= t < vocab_size), None)
+        if wrong is not None:
+            raise bad("prompt", f"token id {wrong} is outside the vocabulary (0 to {vocab_size - 1})")
+    if not tokens:
+        raise bad("messages" if parsed.kind == "chat" else "prompt", "the prompt is empty")
+    return tokens
+
+
+def gen_request(parsed: Parsed, tokenizer, model, default_max_tokens: int, default_temperature: float = 1.0) -> GenRequest:
+    """Token ids plus sampling settings; max_tokens is cut to what the context has room for."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None) or len(tokenizer)
+    tokens = prompt_tokens(parsed, tokenizer, vocab)
+    limit = context_length(model)
+    max_tokens = parsed.max_tokens if parsed.max_tokens is not None else default_max_tokens
+    if limit:
+        room = limit - len(tokens)
+        if room <= 0 or (parsed.max_tokens is not None and parsed.max_tokens > room):
+            raise APIError(400, f"This model's maximum context length is {limit} tokens; the prompt has "
+                           f"{len(tokens)} tokens and {max_tokens} more were requested",
+                           param="messages" if parsed.kind == "chat" else "prompt",
+                           code="context_length_exceeded")
+        max_tokens = min(max_tokens, room)
+    if parsed.logit_bias:
+        wrong = next((t for t in parsed.logit_bias if not 0 <= t < vocab), None)
+        if wrong is not None:
+            raise bad("logit_bias", f"token id {wrong} is outside the vocabulary (0 to {vocab - 1})")
+    return GenRequest(
+        prompt=tokens,
+        max_tokens=max_tokens,
+        temperature=parsed.temperature if parsed.temperature is not None else default_temperature,
+        top_p=parsed.top_p,
+        seed=parsed.seed,
+        stop=parsed.stop,
+        logprobs=parsed.logprobs,
+        logit_bias=parsed.logit_bias,
+    )

@@ -1,0 +1,258 @@
+"""Request bodies of the OpenAI API, checked field by field.
+
+`parse_chat` and `parse_completion` turn a decoded JSON body into a `Parsed` record or raise
+`APIError` (400 with the offending field as `param`). Nothing here touches the model or the
+tokenizer; `prompts.py` turns the record into token ids.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_STOP = 4  # the API's limit on stop sequences
+MAX_STOP_CHARS = 256  # matching costs grow with the square of a stop sequence's length
+MAX_TOP_LOGPROBS_CHAT = 20
+MAX_LOGPROBS_COMPLETION = 5
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+class APIError(Exception):
+    """An error answered with the OpenAI error body: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad(param: str | None, message: str, code: str | None = "invalid_value") -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+@dataclass
+class Parsed:
+    """What a request asks for, before tokenization."""
+
+    kind: str  # "chat" or "completion"
+    messages: list[dict[str, Any]] | None = None  # chat
+    prompt: str | list[int] | None = None  # completion: text or token ids
+    max_tokens: int | None = None  # None: the server's default
+    temperature: float | None = None  # None: the server's default
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: int | None = None  # None: off; k: the chosen token plus k alternatives
+    logit_bias: dict[int, float] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Field checkers: each returns the value or raises a 400 naming the field.
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    v = body.get(name)
+    if v is None:
+        return None
+    if not _is_int(v):
+        raise bad(name, f"'{name}' must be an integer, got {type(v).__name__}", "invalid_type")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad(name, f"'{name}' must be {bounds}, got {v}")
+    return v
+
+
+def _number(body: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False) -> float | None:
+    v = body.get(name)
+    if v is None:
+        return default
+    if not _is_number(v):
+        raise bad(name, f"'{name}' must be a number", "invalid_type")
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}")
+    return float(v)
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise bad(name, f"'{name}' must be a boolean", "invalid_type")
+    return v
+
+
+def _stop(body: dict) -> list[str]:
+    v = body.get("stop")
+    if v is None:
+        return []
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        raise bad("stop", "'stop' must be a string or a list of strings", "invalid_type")
+    if len(v) > MAX_STOP:
+        raise bad("stop", f"'stop' may hold at most {MAX_STOP} sequences, got {len(v)}")
+    if any(len(s) > MAX_STOP_CHARS for s in v):
+        raise bad("stop", f"stop sequences may be at most {MAX_STOP_CHARS} characters long")
+    return [s for s in v if s]
+
+
+def _logit_bias(body: dict) -> dict[int, float] | None:
+    v = body.get("logit_bias")
+    if v is None or v == {}:
+        return None
+    if not isinstance(v, dict):
+        raise bad("logit_bias", "'logit_bias' must map token ids to numbers", "invalid_type")
+    out = {}
+    for k, b in v.items():
+        try:
+            token = int(k)
+        except (TypeError, ValueError):
+            raise bad("logit_bias", f"'logit_bias' key {k!r} is not a token id") from None
+        if not _is_number(b) or not -100 <= b <= 100:
+            raise bad("logit_bias", f"'logit_bias' values must be numbers between -100 and 100, got {b!r}")
+        out[token] = float(b)
+    return out
+
+
+def _model(body: dict, served: str) -> None:
+    v = body.get("model")
+    if v is None:
+        return
+    if not isinstance(v, str):
+        raise bad("model", "'model' must be a string", "invalid_type")
+    if v != served:
+        # Never a path or another name: the server runs only the model it was started with.
+        raise APIError(404, f"The model '{v[:200]}' does not exist; this server serves '{served}'",
+                       param="model", code="model_not_found")
+
+
+def _unsupported(body: dict) -> None:
+    """Fields this server does not implement, when set to anything but their neutral value."""
+    if _int(body, "n", 1, None) not in (None, 1):
+        raise bad("n", "only n=1 is supported")
+    if _int(body, "best_of", 1, None) not in (None, 1):
+        raise bad("best_of", "only best_of=1 is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
+            raise bad(name, f"'{name}' is not supported by this server (use 0)", "unsupported_parameter")
+    if body.get("tools"):
+        raise bad("tools", "tool calling is not supported by this server", "unsupported_parameter")
+    if body.get("functions"):
+        raise bad("functions", "function calling is not supported by this server", "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        raise bad("response_format", "only response_format {\"type\": \"text\"} is supported", "unsupported_parameter")
+    if body.get("echo"):
+        raise bad("echo", "echo is not supported by this server", "unsupported_parameter")
+    if body.get("suffix"):
+        raise bad("suffix", "suffix is not supported by this server", "unsupported_parameter")
+
+
+def _common(body: Any, served: str, kind: str) -> Parsed:
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object", "invalid_json")
+    _model(body, served)
+    _unsupported(body)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    include_usage = False
+    if options is not None:
+        if not stream:
+            raise bad("stream_options", "'stream_options' is only allowed when 'stream' is true")
+        if not isinstance(options, dict):
+            raise bad("stream_options", "'stream_options' must be an object", "invalid_type")
+        include_usage = _bool(options, "include_usage")
+    seed = body.get("seed")
+    if seed is not None:
+        if not _is_int(seed):
+            raise bad("seed", "'seed' must be an integer", "invalid_type")
+        if not -(1 << 63) <= seed < (1 << 64):
+            raise bad("seed", "'seed' must fit in 64 bits")
+        seed %= 1 << 64
+    return Parsed(
+        kind=kind,
+        temperature=_number(body, "temperature", None, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        seed=seed,
+        stop=_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+        logit_bias=_logit_bias(body),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _message(m: Any, i: int) -> dict[str, Any]:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(where, f"'{where}' must be an object", "invalid_type")
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}")
+    content = m.get("content")
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"{where}.content[{j}]", "only text content parts ({\"type\": \"text\", \"text\": ...}) "
+                          "are supported", "unsupported_parameter")
+            texts.append(part["text"])
+        content = "".join(texts)
+    elif content is None:
+        if role != "assistant":
+            raise bad(f"{where}.content", f"'{where}.content' is required")
+        content = ""
+    elif not isinstance(content, str):
+        raise bad(f"{where}.content", f"'{where}.content' must be a string or a list of text parts", "invalid_type")
+    return {"role": "system" if role == "developer" else role, "content": content}
+
+
+def parse_chat(body: Any, served: str) -> Parsed:
+    parsed = _common(body, served, "chat")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("messages", "'messages' must be a non-empty list", "invalid_type" if messages else "missing")
+    parsed.messages = [_message(m, i) for i, m in enumerate(messages)]
+    limit = _int(body, "max_completion_tokens", 1)
+    parsed.max_tokens = limit if limit is not None else _int(body, "max_tokens", 1)
+    if _bool(body, "logprobs"):
+        parsed.logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT) or 0
+    elif body.get("top_logprobs") is not None:
+        _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT)
+        raise bad("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    return parsed
+
+
+def parse_completion(body: Any, served: str) -> Parsed:
+    parsed = _common(body, served, "completion")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list):
+        if not prompt or not all(_is_int(t) for t in prompt):
+            raise bad("prompt", "'prompt' must be a string, a list of token ids, or a list holding one of these"
+                      " (batches of several prompts are not supported)")
+    elif not isinstance(prompt, str):
+        raise bad("prompt", "'prompt' is required: a string or a list of token ids",
+                  "missing" if prompt is None else "invalid_type")
+    parsed.prompt = prompt
+    parsed.max_tokens = _int(body, "max_tokens", 1)
+    parsed.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS_COMPLETION)
+    return parsed
