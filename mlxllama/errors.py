@@ -27,3 +27,7 @@ class InputError(MlxllamaError):
 
 class ConversionError(MlxllamaError):
     """The converter could not produce an output model."""
+
+
+class TrainingError(MlxllamaError):
+    """Fine-tuning cannot go on: bad training data, a loss that became NaN, adapters that do not fit."""
