@@ -1,0 +1,183 @@
+"""`mlxllama qa` (answer questions about files) and `mlxllama eval-qa` (score a JSONL dev set)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..errors import InputError
+from .options import model_options
+
+
+
+def threshold(value: str):
+    """'auto' (the calibrated default), 'off' (the model decides alone) or a number."""
+    if value in ("auto", "off"):
+        return None if value == "off" else "auto"
+    try:
+        return float(value)
+    except ValueError:
+        raise InputError(f"--no-answer-threshold must be a number, 'auto' or 'off', got {value!r}") from None
+
+
+def qa_options(f):
+    f = click.option("--prompt-lookup", type=click.IntRange(min=0), default=0,
+                     help="Speculative decoding drafting N tokens from n-grams of the prompt (generative mode).")(f)
+    f = click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")(f)
+    f = click.option("--temp", "--temperature", "temp", type=click.FloatRange(min=0), default=0.0,
+                     help="Sampling temperature (0: greedy).")(f)
+    f = click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=64, help="Longest answer in tokens.")(f)
+    f = click.option("--no-answer-threshold", default="auto", show_default=True,
+                     help="Answer only when the answer's log-likelihood beats the no-answer phrase's by this "
+                          "much; 'off' lets the model decide alone (generative answers then stream).")(f)
+    f = click.option("--top-chunks", type=click.IntRange(min=1), default=3, show_default=True,
+                     help="How many retrieved chunks go into the prompt when the context does not fit.")(f)
+    f = click.option("--max-context", type=click.IntRange(min=32), default=None,
+                     help="Most context tokens in the prompt; longer contexts are chunked and ranked "
+                          "with BM25 (default: what fits the model's window).")(f)
+    f = click.option("--extractive", is_flag=True,
+                     help="The answer is a span copied from the context, never invented text.")(f)
+    return f
+
+
+def qa_kwargs(o: dict) -> dict:
+    return dict(extractive=o["extractive"], max_context=o["max_context"], top_chunks=o["top_chunks"],
+                no_answer_threshold=threshold(o["no_answer_threshold"]), max_tokens=o["max_tokens"], temp=o["temp"],
+                seed=o["seed"], prompt_lookup=o["prompt_lookup"])
+
+
+def cite(result) -> str:
+    if result.no_answer or not result.evidence:
+        return ""
+    e = result.evidence
+    where = f"[{e['source']}, characters {e['start']}-{e['end']}"
+    if len(result.chunks) > 1 or (result.chunks and result.chunks[0].get("score")):
+        where += f"; from {len(result.chunks)} retrieved chunk(s)"
+    return where + f"; score {result.score:.2f}]"
+
+
+def read_questions(positional, questions, interactive):
+    qs = ([positional] if positional is not None else []) + list(questions)
+    for q in qs:
+        if not q.strip():
+            raise InputError("the question is empty")
+    if not qs and not interactive:
+        raise InputError("no question given: pass QUESTION, --question TEXT or --interactive")
+    return qs
+
+
+def terminal_questions():
+    try:
+        import readline  # noqa: F401
+    except ImportError:
+        pass
+    while True:
+        try:
+            line = input("?> ")
+        except EOFError:
+            click.echo("")
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip():
+            yield line.strip()
+
+
+@click.command("qa")
+@model_options
+@click.argument("question", required=False)
+@click.option("--context", "-c", "contexts", multiple=True, required=True,
+              help="A text file, a folder of .txt/.md files, or '-' for stdin (repeatable).")
+@click.option("--question", "-q", "questions", multiple=True,
+              help="Another question about the same context (repeatable; each reuses the documents' KV cache).")
+@click.option("--interactive", "-i", is_flag=True, help="Ask questions at a prompt until Ctrl-D.")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per answer: answer, no_answer, evidence {source, start, end, text}, score, chunks.")
+@qa_options
+@click.option("--verbose", "-v", is_flag=True, help="Also print tokens processed and seconds per answer.")
+def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, **opts):
+    """Answer QUESTION from the text in --context, citing where the answer is."""
+    from ..loader import load
+    from ..qa import QASession, read_context
+
+    qs = read_questions(question, questions, interactive)
+    if interactive and "-" in contexts:
+        raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
+    docs = read_context(contexts)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    session = QASession(llm, tokenizer, docs, **qa_kwargs(opts))
+    several = len(qs) > 1 or interactive
+
+    def stream(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def ask(q):
+        if as_json:
+            result = session.ask(q)
+            click.echo(json.dumps(result.as_dict(), ensure_ascii=False))
+            return
+        if several and not interactive:
+            click.echo(f"Q: {q}")
+            sys.stdout.write("A: ")
+        result = session.ask(q, on_text=stream)
+        stream("\n")
+        line = cite(result)
+        if line:
+            click.echo(line, err=True)
+        if verbose:
+            click.echo(f"[{result.prompt_tokens} prompt tokens, {result.generation_tokens} generated, "
+                       f"{result.seconds:.2f} s]", err=True)
+        if several and not interactive:
+            click.echo("")
+
+    for q in qs:
+        ask(q)
+    if interactive:
+        for q in terminal_questions():
+            ask(q)
+
+
+@click.command("eval-qa")
+@model_options
+@click.argument("data", type=click.Path())
+@qa_options
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N items only.")
+@click.option("--predictions", type=click.Path(), default=None, help="Write every prediction to this JSONL file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--verbose", "-v", is_flag=True, help="Print each prediction as it is made.")
+def eval_qa_command(model, adapter_path, dtype, data, limit, predictions, as_json, verbose, **opts):
+    """Score answers on a JSONL dev set ({id, context, question, answers}): SQuAD exact match and F1,
+    no-answer accuracy, answers per second."""
+    from ..loader import load
+    from ..qa.metrics import evaluate, read_dataset
+
+    items = read_dataset(data)[:limit]
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+
+    def progress(i, p):
+        if verbose:
+            shown = "<no answer>" if p["no_answer"] else p["prediction"]
+            click.echo(f"[{i + 1}/{len(items)}] {p['id']}: {shown!r}  gold={p['answers'][:2]}  "
+                       f"f1={p['f1']:.2f}", err=True)
+
+    report = evaluate(llm, tokenizer, items, progress=progress, **qa_kwargs(opts))
+    if predictions:
+        with open(predictions, "w", encoding="utf-8") as f:
+            for p in report.predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    summary = report.summary()
+    summary["mode"] = "extractive" if opts["extractive"] else "generative"
+    if as_json:
+        click.echo(json.dumps(summary))
+        return
+    click.echo(f"mode               {summary['mode']}")
+    click.echo(f"items              {summary['items']}")
+    click.echo(f"exact match        {summary['exact_match']:.1f}")
+    click.echo(f"F1                 {summary['f1']:.1f}")
+    click.echo(f"has-answer EM/F1   {summary['has_answer_em']:.1f} / {summary['has_answer_f1']:.1f}")
+    click.echo(f"no-answer accuracy {summary['no_answer_accuracy']:.1f}")
+    click.echo(f"false no-answer    {summary['false_no_answer']:.1f}")
+    click.echo(f"answers/s          {summary['answers_per_second']:.2f}  ({summary['seconds']:.1f} s)")

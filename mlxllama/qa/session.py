@@ -1,0 +1,339 @@
+"""Answering questions about a context: `answer()` for one question, `QASession` for several.
+
+A session prefills the prompt's document part once and, per question, trims the KV cache back to
+the end of the documents and feeds only the question's tokens. A context that does not fit the
+window (or `max_context` tokens) is split into overlapping chunks, ranked by BM25 against each
+question, and the best chunks go into the prompt (the cache is reused while they stay the same).
+
+No answer: the prompt teaches a fixed phrase (NO_ANSWER). Before answering, the question and that
+phrase go through the model in one pass; when log P(best first token of a real answer) falls more
+than `no_answer_threshold` below log P(phrase), the answer is the phrase and nothing is generated.
+Otherwise the answer is generated with the phrase's first token banned, so it streams as it comes.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import mlx.core as mx
+
+from ..errors import InputError
+from ..generate import context_length, stream_generate
+from ..models import make_cache
+from .context import ContextLike, as_documents
+from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, prompt_parts
+from .retrieve import Chunk, rank, split_document, whole
+
+MIN_CHUNK_TOKENS = 32
+# Answer only when log P(best first token of an answer) - log P(no-answer phrase + EOS) reaches
+# this. 0 is the model's own preference; -5.5 was chosen on examples/qa_dev.jsonl for the default
+# 135M model, whose preference for the phrase says little about answerability (larger models:
+# try 0). None leaves the decision to the model alone.
+NO_ANSWER_THRESHOLD = {"generative": -5.5, "extractive": -5.5}
+_SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
+
+
+@dataclass
+class Answer:
+    question: str
+    answer: str
+    no_answer: bool
+    evidence: dict | None  # {source, start, end, text}: where the answer is supported
+    score: float  # geometric-mean probability of the answer's tokens (0..1)
+    chunks: list[dict] = field(default_factory=list)  # passages in the prompt: {source, start, end, score}
+    extractive: bool = False
+    prompt_tokens: int = 0  # tokens processed for this question (a reused document cache is free)
+    generation_tokens: int = 0
+    seconds: float = 0.0
+    margin: float | None = None  # log P(answer's first token) - log P(no-answer phrase); below the threshold: no answer
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class QASession:
+    """Answers questions about one context, reusing the documents' KV cache between questions."""
+
+    def __init__(self, model, tokenizer, context: ContextLike, *, extractive: bool = False,
+                 max_context: int | None = None, max_tokens: int = 64, top_chunks: int = 3,
+                 chunk_tokens: int = 256, no_answer_threshold: float | str | None = "auto", **gen_kwargs):
+        if max_context is not None and max_context < MIN_CHUNK_TOKENS:
+            raise InputError(f"max_context must be at least {MIN_CHUNK_TOKENS} tokens, got {max_context}")
+        if max_tokens < 1:
+            raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.model, self.tokenizer = model, tokenizer
+        self.docs = as_documents(context)
+        self.extractive, self.max_context, self.max_tokens = extractive, max_context, max_tokens
+        self.top_chunks, self.chunk_tokens = max(1, top_chunks), max(MIN_CHUNK_TOKENS, chunk_tokens)
+        if no_answer_threshold == "auto":
+            no_answer_threshold = NO_ANSWER_THRESHOLD["extractive" if extractive else "generative"]
+        elif isinstance(no_answer_threshold, str):
+            raise InputError(f"no_answer_threshold must be a number, None or 'auto', got {no_answer_threshold!r}")
+        self.no_answer_threshold = no_answer_threshold
+        gen_kwargs.pop("max_kv_size", None)  # the document cache must keep every position
+        self.gen_kwargs = gen_kwargs
+        self.window = context_length(model)
+        before, after = prompt_parts(tokenizer, [Chunk("", 0, 0, "")])
+        fixed_doc, fixed_tail = encode_parts(tokenizer, before, "", after)
+        self._fixed = len(fixed_doc) + len(fixed_tail)
+        whole_docs = [whole(d, i) for i, d in enumerate(self.docs)]
+        self._whole = whole_docs
+        self._whole_tokens = (len(tokenizer.encode(context_block(whole_docs), add_special_tokens=False))
+                              if sum(len(d.text) for d in self.docs) < 2_000_000 else None)  # None: surely too long
+        self._chunked: tuple[int, list[Chunk]] | None = None
+        self.cache: list | None = None
+        self.cached_doc: list[int] = []
+        self._span_contexts: dict = {}
+
+    # -- which passages go into the prompt ------------------------------------------------------
+
+    def budget(self, question_tokens: int) -> int:
+        """Tokens left for the documents once the prompt's fixed text, the question and the answer fit."""
+        limits = [self.max_context] if self.max_context else []
+        if self.window:
+            reserve = self.max_tokens + 16  # the answer, or the no-answer phrase that is scored
+            limits.append(self.window - self._fixed - question_tokens - reserve)
+        room = min(limits) if limits else 1 << 30
+        if room < MIN_CHUNK_TOKENS:
+            what = f"--max-context {self.max_context}" if self.max_context and room == self.max_context else \
+                f"the model's context of {self.window} tokens"
+            raise InputError(f"the question and answer leave no room for the documents in {what}")
+        return room
+
+    def passages(self, question: str, question_tokens: int) -> list[Chunk]:
+        room = self.budget(question_tokens)
+        if self._whole_tokens is not None and self._whole_tokens <= room:
+            return self._whole
+        size = min(self.chunk_tokens, max(MIN_CHUNK_TOKENS, room // self.top_chunks))
+        while True:
+            chosen, used = [], 0
+            for chunk in rank(self._chunks(size), question):
+                if chosen and chunk.score <= 0 < chosen[0].score:
+                    break  # the rest share no term with the question
+                label = f"[{len(chosen) + 1}] ({chunk.source})\n\n"  # the line naming it in the prompt
+                n = len(self.tokenizer.encode(label + chunk.text, add_special_tokens=False))
+                if used + n <= room:
+                    chosen.append(chunk)
+                    used += n
+                if len(chosen) == self.top_chunks:
+                    break
+            if chosen:
+                return chosen
+            if size <= MIN_CHUNK_TOKENS // 2:
+                raise InputError("no chunk of the context fits in the token budget; raise --max-context")
+            size //= 2
+
+    def _chunks(self, size_tokens: int) -> list[Chunk]:
+        if self._chunked is None or self._chunked[0] != size_tokens:
+            chunks = []
+            for i, doc in enumerate(self.docs):
+                sample = doc.text[:20000]
+                per_token = len(sample) / max(1, len(self.tokenizer.encode(sample, add_special_tokens=False)))
+                chars = max(32, int(size_tokens * per_token * 0.9))
+                chunks.extend(split_document(doc, chars, chars // 4, i))
+            self._chunked = (size_tokens, chunks)
+        return self._chunked[1]
+
+    # -- the document cache ---------------------------------------------------------------------
+
+    def _prefill_documents(self, doc_tokens: list[int]) -> int:
+        """Makes the cache hold exactly `doc_tokens`; returns how many tokens that processed."""
+        if self.cache is not None and self.cached_doc == doc_tokens:
+            extra = self.cache[0].offset - len(doc_tokens)
+            if extra > 0:
+                for c in self.cache:
+                    c.trim(extra)
+            return 0
+        self.cache = make_cache(self.model)
+        self.cached_doc = []
+        tokens = mx.array(doc_tokens, dtype=mx.int32)
+        for i in range(0, len(doc_tokens), 512):
+            self.model(tokens[i : i + 512][None], cache=self.cache)
+            mx.eval([c.state for c in self.cache])
+        self.cached_doc = list(doc_tokens)
+        return len(doc_tokens)
+
+    # -- answering --------------------------------------------------------------------------------
+
+    def ask(self, question: str, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answers one question; `on_text` receives the answer's text as it is generated
+        (extractive answers and no-answers arrive whole)."""
+        if not isinstance(question, str) or not question.strip():
+            raise InputError("the question is empty")
+        tic = time.perf_counter()
+        q_tokens = len(self.tokenizer.encode(question, add_special_tokens=False)) + 2
+        chunks = self.passages(question, q_tokens)
+        before, after = prompt_parts(self.tokenizer, chunks)
+        doc_tokens, tail = encode_parts(self.tokenizer, before, question, after)
+        processed = self._prefill_documents(doc_tokens) + len(tail)
+        step0, na_lp, phrase = self._score_no_answer(tail)
+        if self.extractive:
+            result = self._extract(question, chunks, tail[-1], step0, na_lp, phrase, on_text)
+        else:
+            result = self._generate(question, chunks, tail[-1], step0, na_lp, phrase, on_text)
+        result.chunks = [c.as_dict() for c in chunks]
+        result.prompt_tokens = processed
+        result.seconds = time.perf_counter() - tic
+        return result
+
+    def _score_no_answer(self, tail: list[int]) -> tuple[mx.array, float, list[int]]:
+        """Runs the question and the no-answer phrase through the model in one pass. Returns the
+        first step's log-probabilities (V,), log P(phrase + EOS | prompt) and the phrase's tokens;
+        the cache is left holding the documents and all but the question's last token."""
+        eos = self.tokenizer.eos_token_id
+        phrase = self.tokenizer.encode(NO_ANSWER, add_special_tokens=False) + ([eos] if eos is not None else [])
+        tokens = mx.array(tail + phrase[:-1], dtype=mx.int32)[None]
+        logits = self.model(tokens, cache=self.cache)[0, len(tail) - 1 :]  # (len(phrase), V)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        picked = mx.take_along_axis(logprobs, mx.array(phrase)[:, None], axis=-1)
+        extra = self.cache[0].offset - (len(self.cached_doc) + len(tail) - 1)
+        for c in self.cache:
+            c.trim(extra)
+        return logprobs[0], float(picked.sum().item()), phrase
+
+    def _margin(self, step0: mx.array, allowed: list[int] | None, na_lp: float, phrase: list[int]) -> float:
+        """log P(the best first token of a real answer) - log P(no-answer phrase + EOS): the model's
+        preference for answering, known before any answer token is generated."""
+        banned = {phrase[0], *self.tokenizer.eos_token_ids}
+        if allowed is None:
+            best = float(mx.where(_mask(step0.shape[0], banned), -mx.inf, step0).max().item())
+        else:
+            ids = [i for i in allowed if i not in banned and i < step0.shape[0]]
+            best = float(step0[mx.array(ids)].max().item()) if ids else -math.inf
+        return best - na_lp
+
+    def _rejects(self, margin: float) -> bool:
+        return self.no_answer_threshold is not None and margin < self.no_answer_threshold
+
+    def _no_answer(self, question: str, margin: float | None, n: int = 0) -> Answer:
+        return Answer(question, NO_ANSWER, True, None, 0.0, extractive=self.extractive, margin=margin,
+                      generation_tokens=n)
+
+    def _stream(self, last: int, processors: list, **extra):
+        kwargs = {**self.gen_kwargs, **extra}
+        return stream_generate(self.model, self.tokenizer, [last], max_tokens=self.max_tokens,
+                               prompt_cache=self.cache, logits_processors=processors, **kwargs)
+
+    def _generate(self, question, chunks, last, step0, na_lp, phrase, on_text) -> Answer:
+        """With a no-answer threshold, the margin decides first, then the best answer that does not
+        begin the no-answer phrase streams; without one, the model decides alone."""
+        judged = self.no_answer_threshold is not None
+        margin = self._margin(step0, None, na_lp, phrase) if judged else None
+        if judged and self._rejects(margin):
+            if on_text:
+                on_text(NO_ANSWER)
+            return self._no_answer(question, margin)
+        text, shown, logprob, n = "", 0, 0.0, 0
+        for r in self._stream(last, [BanFirst(phrase[0])] if judged else []):
+            if r.token < 0:
+                continue
+            logprob += float((step0 if n == 0 else r.logprobs)[r.token].item())
+            n += 1
+            text += r.text
+            visible = text.lstrip().rstrip("\ufffd")  # no leading space, no half character
+            if on_text and len(visible) > shown:
+                on_text(visible[shown:])
+                shown = len(visible)
+        answer = text.strip().rstrip("\ufffd").strip()
+        score = math.exp(logprob / n) if n else 0.0
+        if not answer or is_no_answer(answer):
+            return self._no_answer(question, margin, n)
+        return Answer(question, answer, False, self._evidence(answer, chunks), score,
+                      generation_tokens=n, margin=margin)
+
+    def _extract(self, question, chunks, last, step0, na_lp, phrase, on_text) -> Answer:
+        """The margin decides first; then the best span, by constrained decoding (it may not begin
+        with the no-answer phrase's first token)."""
+        from .span import SpanConstraint, SpanContext
+
+        key = tuple((c.source, c.start, c.end) for c in chunks)
+        if key not in self._span_contexts:
+            self._span_contexts = {key: SpanContext(self.tokenizer, [c.text for c in chunks])}
+        context = self._span_contexts[key]
+        margin = self._margin(step0, context.first_tokens(), na_lp, phrase)
+        if self._rejects(margin):
+            if on_text:
+                on_text(NO_ANSWER)
+            return self._no_answer(question, margin)
+        constraint = SpanConstraint(context, self.tokenizer, ban_first=phrase[0])
+        kwargs = {k: v for k, v in self.gen_kwargs.items() if k not in ("prompt_lookup", "draft_model", "stop")}
+        tokens, eos = [], None
+        for r in self._stream(last, [constraint], **kwargs):
+            if r.token in self.tokenizer.eos_token_ids:
+                eos = r.token
+            elif r.token >= 0:
+                tokens.append(r.token)
+        span_lp = sum(constraint.raw_logprob(i, t) for i, t in enumerate(tokens))
+        if eos is not None:
+            span_lp += constraint.raw_logprob(len(tokens), eos)
+        n = len(tokens) + (eos is not None)
+        span = context.locate(b"".join(self.tokenizer.token_bytes(t) for t in tokens))
+        if span is None:
+            result = self._no_answer(question, margin, len(tokens))
+        else:
+            chunk = chunks[span.chunk]
+            start, end = chunk.start + span.start, chunk.start + span.end
+            evidence = {"source": chunk.source, "start": start, "end": end, "text": span.text}
+            result = Answer(question, span.text, False, evidence, math.exp(span_lp / n) if n else 0.0,
+                            extractive=True, generation_tokens=len(tokens), margin=margin)
+        if on_text:
+            on_text(result.answer)
+        return result
+
+    # -- evidence for generated answers -------------------------------------------------------------
+
+    def _evidence(self, answer: str, chunks: list[Chunk]) -> dict | None:
+        """Where a generated answer is found in the passages: verbatim if possible, else the sentence
+        sharing the most words with it."""
+        needle = answer.strip().rstrip(".。").strip()
+        for chunk in chunks:
+            i = chunk.text.lower().find(needle.lower()) if needle else -1
+            if i >= 0:
+                start = chunk.start + i
+                return {"source": chunk.source, "start": start, "end": start + len(needle),
+                        "text": chunk.text[i : i + len(needle)]}
+        from .metrics import f1_score
+
+        best, best_f1 = None, 0.0
+        for chunk in chunks:
+            for m in _SENTENCE.finditer(chunk.text):
+                f1 = f1_score(m.group(), answer)
+                if f1 > best_f1:
+                    lead = len(m.group()) - len(m.group().lstrip())
+                    text = m.group().strip()
+                    start = chunk.start + m.start() + lead
+                    best, best_f1 = {"source": chunk.source, "start": start, "end": start + len(text),
+                                     "text": text}, f1
+        return best
+
+
+def _mask(size: int, ids) -> mx.array:
+    mask = mx.zeros((size,), dtype=mx.bool_)
+    ids = [i for i in ids if i < size]
+    return mask if not ids else mx.put_along_axis(mask, mx.array(ids), mx.array(True), axis=0)
+
+
+class BanFirst:
+    """A logits processor that forbids one token as the answer's first (the no-answer phrase's), so
+    the answer generated is the model's best real answer; the phrase is scored separately."""
+
+    def __init__(self, token: int):
+        self.token, self.first_len = token, None
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self.first_len is None:
+            self.first_len = tokens.size
+        if tokens.size != self.first_len:
+            return logits
+        return mx.where(_mask(logits.shape[-1], [self.token]), -mx.inf, logits)
+
+
+def answer(model, tokenizer, question: str, context: ContextLike, **kwargs) -> Answer:
+    """Answers `question` from `context` (a string, a list of strings or Documents, or
+    {source: text}). Keyword arguments: extractive, max_context, max_tokens, top_chunks,
+    chunk_tokens, no_answer_threshold, and stream_generate's sampling options."""
+    return QASession(model, tokenizer, context, **kwargs).ask(question)

@@ -1,0 +1,372 @@
+"""Question answering: context input, chunking and BM25 retrieval, the extractive span constraint,
+document-cache reuse, SQuAD metrics, the dev set and the CLI (qa, eval-qa)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlx.core as mx
+import pytest
+from click.testing import CliRunner
+
+from mlxllama.cli import cli
+from mlxllama.errors import InputError
+from mlxllama.models.cache import KVCache
+from mlxllama.qa import NO_ANSWER, Document, QASession, answer, read_context
+from mlxllama.qa.metrics import exact_match, f1_score, normalize_answer, score_item
+from mlxllama.qa.prompt import is_no_answer
+from mlxllama.qa.retrieve import rank, split_document
+from tinymodels import write_model
+
+DEV_SET = Path(__file__).resolve().parents[1] / "examples" / "qa_dev.jsonl"
+CONTEXT = "We met in the city of Paris, France, on 3 May 1999. 北京是中国的首都。"
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return str(write_model(tmp_path_factory.mktemp("qa_tiny"), "gqa_tied", max_position_embeddings=2048))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir):
+    from mlxllama import load
+
+    return load(tiny_dir)
+
+
+def needle_document(n_sentences: int = 120) -> tuple[str, str]:
+    filler = [f"Report {i} notes that the {w} committee reviewed routine matters and found nothing unusual."
+              for i, w in zip(range(n_sentences), ["budget", "safety", "garden", "library", "transport"] * 99)]
+    needle = "The vault access code is 7319 and it was chosen by Priya Raman."
+    filler.insert(n_sentences * 2 // 3, needle)
+    return " ".join(filler), needle
+
+
+# -- context input and bad input ---------------------------------------------------------------
+
+
+def test_read_context_files_folders_and_stdin(tmp_path):
+    (tmp_path / "docs" / "sub").mkdir(parents=True)
+    (tmp_path / "docs" / "a.txt").write_text("alpha text")
+    (tmp_path / "docs" / "sub" / "b.md").write_text("# beta\nnotes")
+    (tmp_path / "docs" / "image.png").write_bytes(b"\x89PNG\x00\x00")
+    (tmp_path / "one.txt").write_text("one\r\nline")
+    docs = read_context([tmp_path / "docs", tmp_path / "one.txt", "-"], stdin=io.StringIO("from stdin"))
+    assert [Path(d.source).name for d in docs] == ["a.txt", "b.md", "one.txt", "<stdin>"]
+    assert docs[2].text == "one\nline" and docs[3].text == "from stdin"
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda p: p / "missing.txt", "context file not found"),
+    (lambda p: (p / "bin.txt").write_bytes(b"\x00\x01binary\x00") and p / "bin.txt", "is a binary file"),
+    (lambda p: (p / "latin.txt").write_bytes(b"caf\xe9 cr\xe8me") and p / "latin.txt", "not UTF-8 text"),
+    (lambda p: (p / "empty.txt").write_text(" \n\t") and p / "empty.txt", "the context is empty"),
+    (lambda p: (p / "nothing").mkdir() or p / "nothing", "no .txt or .md files in folder"),
+])
+def test_bad_context_is_an_input_error(tmp_path, setup, message):
+    with pytest.raises(InputError, match=message):
+        read_context([setup(tmp_path)])
+
+
+def test_too_large_and_empty_question(tiny):
+    from mlxllama.qa.context import check_documents
+
+    with pytest.raises(InputError, match="more than the limit"):
+        check_documents([Document("big", "x" * 101)], max_chars=100)
+    with pytest.raises(InputError, match="the question is empty"):
+        answer(*tiny, "  ", CONTEXT)
+    with pytest.raises(InputError, match="the context is empty"):
+        answer(*tiny, "Where?", ["", "  "])
+
+
+# -- chunks and retrieval --------------------------------------------------------------------------
+
+
+def test_chunks_overlap_and_keep_offsets():
+    text, _ = needle_document(40)
+    chunks = split_document(Document("doc.txt", text), 400, 100)
+    assert len(chunks) > 5
+    for a, b in zip(chunks, chunks[1:]):
+        assert a.text == text[a.start : a.end]
+        assert b.start < a.end <= b.end  # overlapping, moving forward
+    assert chunks[0].start == 0 and chunks[-1].end == len(text)
+
+
+def test_retrieval_ranks_the_needle_first(tiny):
+    text, needle = needle_document()
+    chunks = split_document(Document("long.txt", text), 500, 120)
+    best = rank(chunks, "What is the vault access code?")[0]
+    assert needle in best.text and best.score > 0
+    # end to end: the document does not fit --max-context, so the prompt holds the best chunks
+    session = QASession(*tiny, {"long.txt": text}, max_context=600, max_tokens=4)
+    result = session.ask("Who chose the vault access code?")
+    first = result.chunks[0]
+    assert first["source"] == "long.txt" and needle in text[first["start"] : first["end"]]
+    scores = [c["score"] for c in result.chunks]
+    assert scores == sorted(scores, reverse=True) and min(scores) > 0  # no irrelevant chunks
+    assert first["end"] - first["start"] < len(text) // 4
+
+
+def test_retrieval_of_chinese_text():
+    doc = "。".join(f"第{i}段记录了普通的会议内容" for i in range(60)) + "。金库密码是七三一九。" + "其他内容。" * 40
+    chunks = split_document(Document("zh.txt", doc), 120, 30)
+    assert "金库密码" in rank(chunks, "金库密码是什么？")[0].text
+
+
+def test_context_too_small_for_the_window(tiny):
+    with pytest.raises(InputError, match="no room for the documents"):
+        answer(*tiny, "word " * 2000, CONTEXT)
+
+
+# -- the extractive constraint -----------------------------------------------------------------
+
+
+class ScriptedModel:
+    """Wants to write `script` (token ids) after the prompt, then EOS, whatever the context says.
+    It satisfies the model contract (logits (B, L, V), a trimmable cache)."""
+
+    def __init__(self, tokenizer, script: list[int], vocab: int = 300):
+        self.args = SimpleNamespace(max_position_embeddings=4096)
+        self.script, self.vocab = script, vocab
+        self.eos = tokenizer.eos_token_id
+        self.start = tokenizer.encode("<|im_start|>", add_special_tokens=False)[0]
+        self.header = len(tokenizer.encode("assistant\n", add_special_tokens=False))
+        self.fed: list[int] = []
+
+    def make_cache(self):
+        return [KVCache()]
+
+    def _row(self, seq: list[int]) -> list[float]:
+        row = [-0.01 * i for i in range(self.vocab)]  # a fixed fallback preference: low ids
+        last = max(i for i, t in enumerate(seq) if t == self.start)
+        n = len(seq) - (last + 1 + self.header)
+        if 0 <= n < len(self.script):
+            row[self.script[n]] = 10.0
+        row[self.eos] = 5.0
+        return row
+
+    def __call__(self, tokens, cache):
+        c, L = cache[0], tokens.shape[1]
+        del self.fed[c.offset :]
+        self.fed += tokens[0].tolist()
+        kv = mx.zeros((1, 1, L, 1))
+        c.update_and_fetch(kv, kv)
+        return mx.array([self._row(self.fed[: c.offset - L + i + 1]) for i in range(L)])[None]
+
+
+def by_bytes(tokenizer, *pieces: bytes) -> list[int]:
+    table = {tokenizer.token_bytes(i): i for i in range(len(tokenizer) - 1, -1, -1)}
+    return [table[p] for p in pieces]
+
+
+def bytes_of(text: str) -> list[bytes]:
+    return [bytes([b]) for b in text.encode()]
+
+
+@pytest.mark.parametrize("pieces,expected", [
+    ([b" t", b"he"], "the"),  # the context has " the" as one token: a different tokenization
+    ([b"t", b"h", b"e"], "the"),  # without the leading space the context token carries
+    ([b"P", b"a", b"r", b"i", b"s", b","], "Paris,"),  # punctuation glued on
+    (bytes_of("首都"), "首都"),  # Chinese, three byte tokens per character
+    (bytes_of("首")[:1], "首"),  # EOS is refused mid-character: the character is completed
+    (bytes_of("1999."), "1999."),
+])
+def test_extractive_span_with_different_tokenization(tiny, pieces, expected):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *pieces))
+    result = answer(model, tok, "Question?", CONTEXT, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer == expected and not result.no_answer
+    e = result.evidence
+    assert CONTEXT[e["start"] : e["end"]] == expected == e["text"] and e["source"] == "<context>"
+
+
+@pytest.mark.parametrize("text", ["London", "aris", "中国人民", "Paris, Germany"])
+def test_extractive_never_invents_text(tiny, text):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of(text)))
+    result = answer(model, tok, "Question?", CONTEXT, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer != text and result.answer in CONTEXT
+    if text == "aris":  # no span starts inside a word
+        assert not result.answer.startswith("aris")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_extractive_answers_are_substrings_with_sampling(tiny, seed):
+    contexts = [CONTEXT, "Revenue: $4,260.00 (VAT 20%); due 3 March 2024!", "长城东起山海关，西至嘉峪关。"]
+    context = contexts[seed % 3]
+    result = answer(*tiny, "What?", context, extractive=True, temp=1.5, seed=seed, max_tokens=12,
+                    no_answer_threshold=-1e9)
+    assert result.answer and result.answer in context
+    assert context[result.evidence["start"] : result.evidence["end"]] == result.answer
+
+
+def test_no_answer_in_both_modes(tiny):
+    _, tok = tiny
+    phrase = ScriptedModel(tok, tok.encode(NO_ANSWER, add_special_tokens=False))
+    result = answer(phrase, tok, "Question?", CONTEXT)
+    assert result.no_answer and result.answer == NO_ANSWER and result.evidence is None
+    spanner = ScriptedModel(tok, by_bytes(tok, *bytes_of("Paris")))
+    sure = answer(spanner, tok, "Question?", CONTEXT, extractive=True)
+    assert not sure.no_answer and sure.answer == "Paris" and sure.margin > 0
+    strict = answer(spanner, tok, "Question?", CONTEXT, extractive=True, no_answer_threshold=sure.margin + 1)
+    assert strict.no_answer and strict.answer == NO_ANSWER
+    assert is_no_answer("The context does not mention the salary.") and not is_no_answer("Paris")
+
+
+# -- the document cache ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extractive", [False, True])
+def test_reused_document_cache_gives_the_fresh_answer(tiny, extractive):
+    model, tok = tiny
+    kwargs = dict(extractive=extractive, max_tokens=8, no_answer_threshold=-1e9)
+    session = QASession(model, tok, CONTEXT, **kwargs)
+    first = session.ask("Where did we meet?")
+    again = session.ask("When did we meet in Paris?")
+    fresh = answer(model, tok, "When did we meet in Paris?", CONTEXT, **kwargs)
+    assert again.answer == fresh.answer and again.evidence == fresh.evidence
+    assert again.score == pytest.approx(fresh.score, rel=1e-4)
+    assert first.prompt_tokens > len(session.cached_doc)  # the first question paid for the documents
+    assert again.prompt_tokens == fresh.prompt_tokens - len(session.cached_doc)  # only the question's tokens
+
+
+# -- metrics and the dev set ------------------------------------------------------------------------
+
+
+def test_squad_metrics():
+    assert normalize_answer("The  Black Sea!") == "black sea"
+    assert exact_match("the Volga.", "Volga") == 1.0
+    assert f1_score("in the Black Forest", "the Black Forest in Germany") == pytest.approx(2 * 0.75 / 1.75)
+    assert f1_score("四川和甘肃", "四川、陕西和甘肃") == pytest.approx(2 * 1.0 * (5 / 7) / (1 + 5 / 7))
+    assert score_item("anything", True, []) == (1.0, 1.0)
+    assert score_item("anything", False, []) == (0.0, 0.0)
+    assert score_item(NO_ANSWER, True, ["Paris"]) == (0.0, 0.0)
+
+
+def test_dev_set_is_well_formed():
+    items = [json.loads(line) for line in DEV_SET.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert len(items) >= 60 and len({i["id"] for i in items}) == len(items)
+    for item in items:
+        assert item["question"].strip() and item["context"].strip()
+        assert all(a and a in item["context"] for a in item["answers"]), item["id"]
+    assert sum(not i["answers"] for i in items) >= 10
+    assert sum(any("\u4e00" <= ch <= "\u9fff" for ch in i["context"]) for i in items) >= 10
+
+
+# -- the CLI --------------------------------------------------------------------------------------------
+
+
+def run(*args, input=None):
+    return CliRunner().invoke(cli, list(args), input=input)
+
+
+@pytest.fixture
+def notes(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text(CONTEXT, encoding="utf-8")
+    return str(path)
+
+
+def test_cli_json_fields(tiny_dir, notes):
+    r = run("qa", "--model", tiny_dir, "--context", notes, "Where did we meet?", "--json", "--extractive",
+            "--no-answer-threshold", "-1e9", "-n", "6")
+    assert r.exit_code == 0, r.output
+    record = json.loads(r.output)
+    assert {"answer", "no_answer", "evidence", "score", "chunks"} <= set(record)
+    e = record["evidence"]
+    assert set(e) == {"source", "start", "end", "text"} and e["source"] == notes
+    assert CONTEXT[e["start"] : e["end"]] == e["text"] == record["answer"]
+    assert record["chunks"] == [{"source": notes, "start": 0, "end": len(CONTEXT), "score": 0.0}]
+
+
+def test_cli_several_questions_and_stdin(tiny_dir):
+    r = run("qa", "--model", tiny_dir, "--context", "-", "-q", "Where?", "-q", "When?", "--json", "-n", "3",
+            input=CONTEXT)
+    assert r.exit_code == 0, r.output
+    records = [json.loads(line) for line in r.output.splitlines()]
+    assert [x["question"] for x in records] == ["Where?", "When?"]
+    assert records[1]["prompt_tokens"] < records[0]["prompt_tokens"] // 4
+    r = run("qa", "--model", tiny_dir, "--context", "-", "-i", input="Where?\n")
+    assert isinstance(r.exception, InputError) and "not '-'" in str(r.exception)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--context", "/no/such/notes.txt", "Q?"], "context file not found: /no/such/notes.txt"),
+    (["--context", "NOTES", "  "], "the question is empty"),
+    (["--context", "NOTES"], "no question given"),
+    (["--context", "EMPTY", "Q?"], "the context is empty"),
+    (["--context", "BINARY", "Q?"], "is a binary file"),
+])
+def test_cli_bad_input(tiny_dir, notes, tmp_path, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "data.bin").write_bytes(bytes(range(256)))
+    swap = {"NOTES": notes, "EMPTY": str(tmp_path / "empty.txt"), "BINARY": str(tmp_path / "data.bin")}
+    r = run("qa", "--model", tiny_dir, *[swap.get(a, a) for a in args])
+    assert isinstance(r.exception, InputError), r.output
+    assert message in str(r.exception)
+
+
+def test_cli_subprocess_one_line_errors_and_answers(tiny_dir, notes, tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "mlxllama", "qa", "--model", tiny_dir, "--context",
+                          str(tmp_path / "gone.txt"), "Q?"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip() == f"error: context file not found: {tmp_path / 'gone.txt'}"
+    good = subprocess.run([sys.executable, "-m", "mlxllama", "qa", "--model", tiny_dir, "--context", notes,
+                           "--extractive", "--no-answer-threshold", "-1e9", "-n", "4", "Where?"],
+                          capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stderr
+    assert good.stdout.strip() in CONTEXT and "characters" in good.stderr
+
+
+def test_cli_eval_qa(tiny_dir, tmp_path):
+    data = tmp_path / "dev.jsonl"
+    rows = [{"id": "a", "context": CONTEXT, "question": "Where?", "answers": ["Paris"]},
+            {"id": "b", "context": CONTEXT, "question": "Who?", "answers": []}]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = run("eval-qa", str(data), "--model", tiny_dir, "--extractive", "--json", "-n", "4",
+            "--predictions", str(tmp_path / "preds.jsonl"))
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["items"] == 2 and report["mode"] == "extractive"
+    assert {"exact_match", "f1", "no_answer_accuracy", "answers_per_second"} <= set(report)
+    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 2
+    (tmp_path / "broken.jsonl").write_text("{not json\n")
+    r = run("eval-qa", str(tmp_path / "broken.jsonl"), "--model", tiny_dir)
+    assert isinstance(r.exception, InputError) and "not JSON" in str(r.exception)
+
+
+# -- the real model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_default_model_answers_from_the_context(default_model_dir):
+    from mlxllama import load
+
+    model, tok = load(default_model_dir)
+    context = ("Harbor Goods was founded in 1987 by Ana Ruiz. The first warehouse opened in Leeds in 1989, "
+               "and a second one followed in Bristol in 1994.")
+    session = QASession(model, tok, context, extractive=True)
+    where = session.ask("Where did the first warehouse open?")
+    assert where.answer in context and not where.no_answer  # a span, whatever the model prefers
+    who = session.ask("Who founded Harbor Goods?")
+    assert who.answer == "Ana Ruiz" and who.evidence["start"] == context.index("Ana Ruiz")
+    assert who.prompt_tokens < 20  # the document's cache was reused
+    fresh = answer(model, tok, "Who founded Harbor Goods?", context, extractive=True)
+    assert fresh.answer == who.answer and fresh.margin == pytest.approx(who.margin, abs=1e-3)
+    generated = answer(model, tok, "Who founded Harbor Goods?", context)
+    assert "ruiz" in generated.answer.lower() and generated.evidence["text"] == "Ana Ruiz"
+
+
+@pytest.mark.parametrize("prompt_lookup", [0, 2])
+def test_generative_answer_and_evidence(tiny, prompt_lookup):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("paris, france")))
+    pieces = []
+    session = QASession(model, tok, CONTEXT, prompt_lookup=prompt_lookup, no_answer_threshold=None)
+    result = session.ask("Where?", pieces.append)
+    assert result.answer == "paris, france" and "".join(pieces) == "paris, france"  # streamed
+    assert result.evidence == {"source": "<context>", "start": 22, "end": 35, "text": "Paris, France"}
