@@ -52,11 +52,13 @@ def check_prompt(model, n_prompt: int, cache: list | None, max_kv_size: int | No
 
 
 def prefill(model, tokens: mx.array, cache: list, step: int = 512) -> mx.array:
-    """Runs all but the last token through the model in chunks, filling the cache; returns what is left."""
-    while tokens.size > step:
-        model(tokens[:step][None], cache=cache)
+    """Runs all but the last token through the model in chunks, filling the cache; returns the last
+    token (1,). Only the cache is evaluated, so the vocabulary projection never runs on these rows."""
+    while tokens.size > 1:
+        n = min(step, tokens.size - 1)
+        model(tokens[:n][None], cache=cache)
         mx.eval([c.state for c in cache])
-        tokens = tokens[step:]
+        tokens = tokens[n:]
         mx.clear_cache()
     return tokens
 
@@ -71,17 +73,24 @@ def generate_step(
     max_kv_size: int | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
+    compiled: bool = False,
 ) -> Iterator[tuple[int, mx.array]]:
     """Yields (token, logprobs (V,)) pairs. The next step is queued before the current token is
-    handed out (mx.async_eval), so the host never waits on the device between tokens."""
+    handed out (mx.async_eval), so the host never waits on the device between tokens.
+    compiled=True decodes with one mx.compile'd graph per step (mlxllama.compiled) where the model
+    and cache allow it (our models, no prompt_cache, no max_kv_size)."""
     sampler = sampler or make_sampler()
     processors = logits_processors or []
     cache = prompt_cache if prompt_cache is not None else make_cache(model, max_kv_size)
     history = prompt if processors else None
+    forward = None  # the compiled one-token forward, once the prompt is in the cache
 
     def step(y: mx.array) -> tuple[mx.array, mx.array]:
         nonlocal history
-        logits = model(y[None], cache=cache)[:, -1, :]  # (1, V)
+        if forward is not None:
+            logits = forward(y)  # (1, V)
+        else:
+            logits = model(y[None], cache=cache)[:, -1, :]  # (1, V)
         if processors:
             history = mx.concatenate([history, y]) if history is not None and history is not y else y
             for p in processors:
@@ -94,6 +103,11 @@ def generate_step(
         history = prompt[: prompt.size - y.size]
     y, logprobs = step(y)
     mx.async_eval(y, logprobs)
+    if compiled and prompt_cache is None and max_kv_size is None and max_tokens > 1:
+        from .compiled import CompiledForward, supports_compiled_step
+
+        if supports_compiled_step(model):
+            forward = CompiledForward(model, cache)
     n = 0
     while True:
         if n != max_tokens:
@@ -164,6 +178,7 @@ def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: 
     if draft_model is not None or prompt_lookup:
         from .speculative import speculative_generate_step
 
+        kwargs.pop("compiled", None)
         yield from speculative_generate_step(
             prompt, model, draft_model=draft_model, prompt_lookup=prompt_lookup,
             num_draft_tokens=num_draft_tokens, **kwargs,
@@ -196,6 +211,7 @@ def stream_generate(
     draft_model=None,
     prompt_lookup: int = 0,
     num_draft_tokens: int | None = None,
+    compiled: bool = False,
 ) -> Iterator[GenerationResponse]:
     """Yields a GenerationResponse per token; the last one carries finish_reason."""
     if max_tokens < 0:
@@ -217,7 +233,7 @@ def stream_generate(
     steps = token_iterator(
         tokens, model, draft_model=draft_model, prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens,
         max_tokens=max_tokens, sampler=sampler, logits_processors=processors, max_kv_size=max_kv_size,
-        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size,
+        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, compiled=compiled,
     )
 
     def record(text, token, logprobs, reason, from_draft=False):
@@ -323,8 +339,9 @@ def batch_generate(
         logits = model(x, cache=cache, mask=padding_mask(pad, offset, x.shape[1]))[:, -1, :]  # (B, V)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))  # (B,)
 
-    while tokens.shape[1] > prefill_step_size:
-        chunk, tokens = tokens[:, :prefill_step_size], tokens[:, prefill_step_size:]
+    while tokens.shape[1] > 1:  # all but the last position: the vocabulary projection runs on one row
+        n = min(prefill_step_size, tokens.shape[1] - 1)
+        chunk, tokens = tokens[:, :n], tokens[:, n:]
         offset = cache[0].offset
         model(chunk, cache=cache, mask=padding_mask(pad, offset, chunk.shape[1]))
         mx.eval([c.state for c in cache])
