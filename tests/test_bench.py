@@ -94,3 +94,13 @@ def test_random_model_loads_here_and_in_mlx_lm(tmp_path):
     assert isinstance(generate(model, tok, "hello", max_tokens=4), str)
     m2, tok2 = mlx_lm.load(str(path))
     assert isinstance(mlx_lm.generate(m2, tok2, "hello", max_tokens=4), str)
+
+
+def test_cold_start_timeout_is_reported():
+    from mlxllama.bench import time_to_first_token
+    from mlxllama.bench.report import rows_for
+
+    assert time_to_first_token(["sleep", "5"], timeout=0.5) is None
+    assert time_to_first_token(["bash", "-c", "echo ==========; echo x"], after=b"==========\n", timeout=5) > 0
+    rows = rows_for({"systems": {}, "ttft": {"mlxllama": 1.5, "mlx-lm": None, "mlx-lm timeout": 300.0}})
+    assert rows[0][2] == {"mlxllama": 1.5, "mlx-lm": ">300 s"}

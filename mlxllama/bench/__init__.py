@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import time
@@ -49,6 +50,7 @@ class BenchOptions:
     budget_s: float = 300.0  # per system and model
     ttft: bool = True
     ttft_trials: int = 3
+    ttft_timeout_s: float = 300.0
     lookup: int = 4  # prompt-lookup draft length for the QA measurement (0: skip it)
     qa_path: str | None = None
     qa_limit: int = 1000
@@ -168,7 +170,10 @@ def time_to_first_token(cmd: list[str], after: bytes = b"", env_extra: dict | No
     seen, found = b"", None
     try:
         while True:
-            chunk = os.read(p.stdout.fileno(), 1)
+            left = timeout - (time.perf_counter() - t0)
+            if left <= 0 or not select.select([p.stdout], [], [], left)[0]:
+                break  # timed out
+            chunk = os.read(p.stdout.fileno(), 4096)
             if not chunk:
                 break
             seen += chunk
@@ -176,20 +181,25 @@ def time_to_first_token(cmd: list[str], after: bytes = b"", env_extra: dict | No
             if i >= 0 and len(seen) > i + len(after):  # a byte of generated text (or, with one
                 found = time.perf_counter() - t0  # token, the newline that ends it)
                 break
-            if time.perf_counter() - t0 > timeout:
-                break
     finally:
         p.kill()
         p.wait()
     return found
 
 
-def measure_ttft(model_path: str, trials: int) -> dict:
+def measure_ttft(model_path: str, trials: int, timeout: float) -> dict:
+    """Median over trials for each CLI; a CLI that times out gets None and "<label> timeout"."""
     out = {}
     for label, cmd in ttft_commands(model_path).items():
         after = b"==========\n" if label == "mlx-lm" else b""
         env = {"MLXLLAMA_NO_BLAS": "1"} if label == "mlx-lm" else {}
-        times = [t for t in (time_to_first_token(cmd, after, env) for _ in range(trials)) if t is not None]
+        times = []
+        for _ in range(trials):
+            t = time_to_first_token(cmd, after, env, timeout)
+            if t is None:
+                out[f"{label} timeout"] = timeout
+                break
+            times.append(t)
         out[label] = sorted(times)[len(times) // 2] if times else None
     return out
 
@@ -297,7 +307,7 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
             log(f"[{label}] {sys_label}: " + (res.get("error") or _summary(res)))
         if opts.ttft:
             log(f"[{label}] cold time to first token ...")
-            entry["ttft"] = measure_ttft(path, opts.ttft_trials)
+            entry["ttft"] = measure_ttft(path, opts.ttft_trials, opts.ttft_timeout_s)
         if opts.lookup and not is_random:  # random weights copy nothing
             qa = opts.qa_path or (str(QA_DEV) if QA_DEV.is_file() else None)
             if qa:

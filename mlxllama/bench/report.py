@@ -6,6 +6,8 @@ OURS = "mlxllama"
 
 
 def _fmt(v, unit: str) -> str:
+    if isinstance(v, str):
+        return v
     if v is None:
         return "-"
     if unit == "s":
@@ -16,7 +18,9 @@ def _fmt(v, unit: str) -> str:
 
 
 def _ratio(ours, theirs, lower_is_better: bool = False) -> str:
-    if not ours or not theirs:
+    if isinstance(theirs, str) and theirs.startswith(">") and ours and lower_is_better:
+        return f">{float(theirs[1:].split()[0]) / ours:.1f}x"
+    if not ours or not theirs or isinstance(ours, str) or isinstance(theirs, str):
         return "-"
     r = theirs / ours if lower_is_better else ours / theirs
     return f"{r:.2f}x"
@@ -37,9 +41,14 @@ def rows_for(entry: dict) -> list[tuple[str, str, dict]]:
     lengths = sorted({int(k) for r in systems.values() for k in (r.get("prefill") or {})})
     batches = sorted({int(k) for r in systems.values() for k in (r.get("decode") or {})})
     rows = []
-    if entry.get("ttft"):
-        rows.append(("cold start to first token", "s", {OURS: entry["ttft"].get("mlxllama"),
-                                                        "mlx-lm": entry["ttft"].get("mlx-lm")}))
+    ttft = entry.get("ttft")
+    if ttft:
+        def shown(label):
+            if ttft.get(label) is None and ttft.get(f"{label} timeout"):
+                return f">{ttft[f'{label} timeout']:.0f} s"
+            return ttft.get(label)
+
+        rows.append(("cold start to first token", "s", {OURS: shown("mlxllama"), "mlx-lm": shown("mlx-lm")}))
     for P in lengths:
         rows.append((f"prefill {P} tokens, tok/s", "tok/s",
                      {k: (r.get("prefill") or {}).get(str(P)) for k, r in systems.items()}))
@@ -83,8 +92,10 @@ def format_table(result) -> str:
         lines += ["", f"== {entry['name']}" + (f", {params / 1e9:.2f}B params" if params else "") + f" ({entry['path']})"]
         for r in table:
             lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if ttft.get("mlxllama") and ttft.get("mlx-lm"):
-            lines.append(f"cold start: {ttft['mlx-lm'] - ttft['mlxllama']:.2f} s sooner than `mlx_lm generate` "
+        theirs = ttft.get("mlx-lm") or ttft.get("mlx-lm timeout")
+        if ttft.get("mlxllama") and theirs:
+            more = "at least " if ttft.get("mlx-lm") is None else ""
+            lines.append(f"cold start: {more}{theirs - ttft['mlxllama']:.2f} s sooner than `mlx_lm generate` "
                          "(CLIs as subprocesses, each at its defaults)")
         for k, r in systems.items():
             if r.get("error"):

@@ -32,6 +32,8 @@ def _ints(text: str) -> list[int]:
 @click.option("--budget", type=click.FloatRange(min=10), default=300.0, show_default=True,
               help="Seconds per system and model; phases that would overrun it are skipped and said so.")
 @click.option("--no-ttft", is_flag=True, help="Skip the cold-start time to first token (CLI subprocesses).")
+@click.option("--ttft-timeout", type=click.FloatRange(min=1), default=300.0, show_default=True,
+              help="Give up on a CLI's first token after this many seconds (reported as '>N s').")
 @click.option("--lookup", type=click.IntRange(min=0), default=4, show_default=True,
               help="Prompt-lookup draft length for the QA measurement on the default model (0: skip).")
 @click.option("--qa-file", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -48,7 +50,7 @@ def _ints(text: str) -> list[int]:
               help="Also write every figure as JSON to this file ('-': stdout, instead of the table).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
 def bench_command(models, systems, prefill, batch, decode_tokens, decode_prompt, decode_cap, trials, budget, no_ttft,
-                  lookup, qa_file, qa_limit, gguf, no_llama_cpp, compiled, work_dir, json_path, quiet):
+                  ttft_timeout, lookup, qa_file, qa_limit, gguf, no_llama_cpp, compiled, work_dir, json_path, quiet):
     """Measure prefill, decode, memory and cold start beside mlx-lm (and llama.cpp), with ratios."""
     from ..bench import BenchOptions, format_table, run_bench
 
@@ -57,6 +59,7 @@ def bench_command(models, systems, prefill, batch, decode_tokens, decode_prompt,
         systems=[s.strip() for s in systems.split(",") if s.strip()] if systems else None,
         prefill_lengths=_ints(prefill), batch_sizes=_ints(batch), decode_tokens=decode_tokens,
         decode_prompt=decode_prompt, decode_cap_s=decode_cap, trials=trials, budget_s=budget, ttft=not no_ttft,
+        ttft_timeout_s=ttft_timeout,
         lookup=lookup, qa_path=qa_file, qa_limit=qa_limit, gguf=gguf, llama_cpp=not no_llama_cpp,
         compiled=compiled, work_dir=work_dir, progress=not quiet,
     )
