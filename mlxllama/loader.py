@@ -192,8 +192,11 @@ def load_model(
     dtype: str | None = None,
     dense: bool | None = None,
     lazy: bool = False,
+    fuse: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Builds the model from a folder. dense=None: run quantized layers dense on CPU when they fit."""
+    """Builds the model from a folder. dense=None: run quantized layers dense on CPU when they fit.
+    fuse=True stacks q/k/v and gate/up (Model.fuse_projections) before anything is evaluated, so the
+    stacked weights are built straight from the file with no second copy."""
     model_dir = resolve_model(path)
     config = load_config(model_dir)
     model_class, args_class = model_classes(config, model_dir / "config.json")
@@ -221,6 +224,8 @@ def load_model(
         dense = mx.default_device() == mx.cpu and target == mx.float32 and dense_fits(model)
     if dense:
         dequantize_layers(model, target)
+    if fuse and hasattr(model, "fuse_projections"):
+        model.fuse_projections()
     if not lazy:
         try:
             mx.eval(model.parameters())
@@ -237,15 +242,22 @@ def load(
     dtype: str | None = None,
     dense: bool | None = None,
     lazy: bool = False,
+    fuse: bool = True,
 ):
-    """Loads (model, tokenizer) from a model folder, a Hugging Face repo id, or the default model."""
+    """Loads (model, tokenizer) from a model folder, a Hugging Face repo id, or the default model.
+
+    fuse=True stacks each block's q/k/v and gate/up projections into one matmul each (inference
+    speed; LoRA training un-stacks them itself)."""
     from .tokenizer import load_tokenizer
 
-    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy)
+    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 
         load_adapters(model, adapter_path)
+    if fuse and adapter_path is not None and hasattr(model, "fuse_projections"):
+        if model.fuse_projections() and not lazy:  # the groups without adapters
+            mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first
     eos = config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     tokenizer = load_tokenizer(model.model_dir, eos_token_ids=eos_ids)

@@ -27,7 +27,7 @@ def test_load_returns_model_and_tokenizer(tmp_path):
     write_model(tmp_path)
     model, tokenizer = mlxllama.load(tmp_path)
     assert model(mx.array([tokenizer.encode("hello")])).shape[-1] == 300
-    assert model.layers[0].mlp.up_proj.weight.dtype == mx.float32  # CPU computes in float32
+    assert model.layers[0].mlp.down_proj.weight.dtype == mx.float32  # CPU computes in float32
 
 
 def test_dtype_override(tmp_path):

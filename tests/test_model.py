@@ -104,3 +104,76 @@ def test_model_args_ignore_unknown_keys():
     model, config = make_model("gqa_tied", some_future_key=123)
     assert model.args.extra["some_future_key"] == 123
     assert len(tree_flatten(model.parameters())) > 0
+
+
+# --- fused projections and the CPU rotary table ----------------------------------------------
+
+def all_weights(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.parameters())}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("quantized", [False, True], ids=["dense", "quantized"])
+def test_fused_projections_give_the_same_logits_and_unfuse_exactly(tmp_path, name, quantized):
+    quant = {"group_size": 32, "bits": 4} if quantized else None
+    write_model(tmp_path, name, quantize=quant, tokenizer=False)
+    plain, _ = load_model(tmp_path, dense=False)
+    fused, _ = load_model(tmp_path, dense=False, fuse=True)
+    attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert "qkv_proj" in attn and "q_proj" not in attn and "gate_up_proj" in mlp and "up_proj" not in mlp
+    np.testing.assert_allclose(np.array(fused(TOKENS)), np.array(plain(TOKENS)), atol=1e-5, rtol=1e-5)
+    cache_a, cache_b = plain.make_cache(), fused.make_cache()  # the decode path too
+    for i in range(TOKENS.shape[1]):
+        a, b = plain(TOKENS[:, i : i + 1], cache=cache_a), fused(TOKENS[:, i : i + 1], cache=cache_b)
+        np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=1e-5)
+    fused.unfuse_projections()
+    want, got = all_weights(plain), all_weights(fused)
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert np.array_equal(got[k], want[k]), k
+
+
+def test_fusion_leaves_groups_it_cannot_stack(tmp_path):
+    """A LoRA-wrapped projection or differently quantized q/k/v stay as they are; the rest fuse."""
+    import mlx.nn as nn
+
+    from mlxllama.lora.layers import LoRALinear
+
+    model, _ = make_model("gqa_tied")
+    ref = np.array(model(TOKENS))
+    model.layers[0].self_attn.q_proj = LoRALinear(model.layers[0].self_attn.q_proj, rank=2)
+    v = model.layers[1].self_attn.v_proj
+    model.layers[1].self_attn.v_proj = nn.QuantizedLinear.from_linear(v, group_size=32, bits=8)
+    ref_mixed = np.array(model(TOKENS))
+    assert model.fuse_projections() == 2 * 2 - 2  # both MLPs; neither attention
+    assert "q_proj" in model.layers[0].self_attn and "qkv_proj" not in model.layers[1].self_attn
+    np.testing.assert_allclose(np.array(model(TOKENS)), ref_mixed, atol=1e-5)
+    assert np.abs(ref_mixed - ref).max() > 0  # the 8-bit v really is a different model
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope", "linear_rope_head_dim"])
+def test_rope_table_equals_fast_rope_across_growth(name):
+    """The CPU table rows rotate exactly as mx.fast.rope does, at offsets past the first table."""
+    from mlxllama.models.llama import RopeTable, apply_rope_table
+
+    model, config = make_model(name)
+    args, rope = model.args, model.layers[0].self_attn.rope
+    table = RopeTable.for_args(args)
+    x = mx.random.normal((2, 5, 3, args.head_dim))  # (B, L, heads, Dh)
+    for offset in (0, 17, 4093, 9000):  # 4093 + 5 crosses the first 4096 rows
+        cos, sin = table(offset, 5, mx.float32)
+        got = apply_rope_table(x, cos, sin)
+        want = rope(x.transpose(0, 2, 1, 3), offset=offset).transpose(0, 2, 1, 3)
+        # fast.rope takes float32 angles; the table float64 ones: equal to float32 angle rounding
+        np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-3 if offset > 1000 else 1e-5)
+    assert table.cos.shape[0] >= 9005
+
+
+def test_traditional_rope_uses_the_fast_kernel():
+    from mlxllama.models.llama import RopeTable
+
+    model, _ = make_model("gqa_tied", rope_traditional=True)
+    assert RopeTable.for_args(model.args) is None
+    cache = model.make_cache()
+    steps = [model(TOKENS[:, :4], cache=cache)] + [model(TOKENS[:, i : i + 1], cache=cache) for i in range(4, 10)]
+    np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), np.array(model(TOKENS)), atol=1e-5)

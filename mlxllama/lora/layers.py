@@ -149,6 +149,8 @@ def apply_lora(model: nn.Module, num_layers: int = 16, rank: int = 8, scale: flo
         raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
     linear = (nn.Linear, nn.QuantizedLinear)
     keys = resolve_keys(keys)
+    if hasattr(model, "unfuse_projections"):  # adapters attach to the checkpoint's own projections
+        model.unfuse_projections()
     available = block_linears(model.layers[-1])
     top = dict(model.named_modules())
     if keys is None:

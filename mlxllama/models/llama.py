@@ -13,6 +13,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from . import host_ops
 from .cache import KVCache, RotatingKVCache
@@ -109,6 +110,110 @@ def make_rope(args: ModelArgs) -> nn.Module:
     raise ValueError(f"unsupported rope_scaling type {rope_type!r} (supported: default, linear, llama3)")
 
 
+class RopeTable:
+    """cos and sin of every position's rotary angles, computed once by NumPy in float64.
+
+    On the CPU backend mx.fast.rope has no kernel: each call rebuilds the angles and takes cos and
+    sin of every element (about 140 us for one decode token's queries of SmolLM2, 12 ms for a
+    512-token chunk). With the table, a forward pass slices two (L, Dh) rows once and each layer's
+    rotation is five cheap ops: x * cos + roll_half(x) * sin with the sign folded into sin.
+    Only the "half-split" layout (rope_traditional false, the Hugging Face one) is tabled.
+    """
+
+    def __init__(self, inv_freq: np.ndarray, scale: float = 1.0):
+        self.inv_freq = np.asarray(inv_freq, dtype=np.float64)  # (Dh/2,)
+        self.scale = scale
+        self.cos = self.sin = np.zeros((0, 2 * self.inv_freq.size), np.float32)
+
+    @classmethod
+    def for_args(cls, args: "ModelArgs") -> "RopeTable | None":
+        if args.rope_traditional:
+            return None
+        d = args.head_dim
+        inv_freq = args.rope_theta ** (-np.arange(0, d, 2, dtype=np.float64) / d)
+        scaling = args.rope_scaling or {}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type in ("default", None):
+            return cls(inv_freq)
+        if rope_type == "linear":
+            return cls(inv_freq, 1 / scaling["factor"])
+        if rope_type == "llama3":
+            return cls(1 / np.array(Llama3RoPE(d, args.rope_theta, False, scaling)._freqs, dtype=np.float64))
+        return None
+
+    def _grow(self, n: int) -> None:
+        size = max(4096, 1 << (n - 1).bit_length())
+        angles = np.arange(size, dtype=np.float64)[:, None] * self.scale * self.inv_freq  # (P, Dh/2)
+        cos, sin = np.cos(angles), np.sin(angles)
+        self.cos = np.concatenate([cos, cos], axis=1).astype(np.float32)  # (P, Dh)
+        self.sin = np.concatenate([-sin, sin], axis=1).astype(np.float32)
+
+    def __call__(self, offset: int, length: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+        """(cos, sin) for positions offset .. offset + length - 1, each (length, 1, Dh)."""
+        if offset + length > self.cos.shape[0]:
+            self._grow(offset + length)
+        rows = slice(offset, offset + length)
+        return (mx.array(self.cos[rows, None, :], dtype=dtype), mx.array(self.sin[rows, None, :], dtype=dtype))
+
+
+def apply_rope_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
+    """x (B, L, heads, Dh) rotated by the table rows cos, sin (L, 1, Dh)."""
+    half = x.shape[-1] // 2
+    rolled = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rolled * sin
+
+
+def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+    """One layer computing all of `layers` (same input) by stacking their output rows; None when
+    they cannot be stacked (a LoRA wrapper, different quantization, bias on some only)."""
+    kinds = {type(m) for m in layers}
+    if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear):
+        return None
+    has_bias = {"bias" in m for m in layers}
+    if len(has_bias) != 1:
+        return None
+    bias = has_bias.pop()
+    first = layers[0]
+    out_dims = sum(m.weight.shape[0] for m in layers)
+    if isinstance(first, nn.QuantizedLinear):
+        quant = {(m.group_size, m.bits, m.mode, m.get("biases") is None) for m in layers}
+        if len(quant) != 1:
+            return None
+        in_dims = first.weight.shape[1] * 32 // first.bits
+        # the constructor's random weights are lazy and replaced before anything evaluates them
+        fused = nn.QuantizedLinear(in_dims, out_dims, bias, first.group_size, first.bits, first.mode)
+        fused.weight = mx.concatenate([m.weight for m in layers])
+        fused.scales = mx.concatenate([m.scales for m in layers])
+        if first.get("biases") is not None:
+            fused.biases = mx.concatenate([m.biases for m in layers])
+    else:
+        fused = nn.Linear(first.weight.shape[1], out_dims, bias=bias)
+        fused.weight = mx.concatenate([m.weight for m in layers])
+    if bias:
+        fused.bias = mx.concatenate([m.bias for m in layers])
+    return fused
+
+
+def split_linear(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    """The inverse of fuse_linears: layers with output rows `sizes`, in order."""
+    bounds = np.cumsum([0, *sizes]).tolist()
+    parts = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        if isinstance(fused, nn.QuantizedLinear):
+            in_dims = fused.weight.shape[1] * 32 // fused.bits
+            m = nn.QuantizedLinear(in_dims, hi - lo, "bias" in fused, fused.group_size, fused.bits, fused.mode)
+            m.weight, m.scales = fused.weight[lo:hi], fused.scales[lo:hi]
+            if fused.get("biases") is not None:
+                m.biases = fused.biases[lo:hi]
+        else:
+            m = nn.Linear(fused.weight.shape[1], hi - lo, bias="bias" in fused)
+            m.weight = fused.weight[lo:hi]
+        if "bias" in fused:
+            m.bias = fused.bias[lo:hi]
+        parts.append(m)
+    return parts
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -126,14 +231,54 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=args.attention_bias)
         self.rope = make_rope(args)
 
-    def __call__(self, x: mx.array, mask: mx.array | str | None = None, cache: Any = None) -> mx.array:
+    def fuse(self) -> bool:
+        """q, k and v projections -> one qkv_proj (one matmul per step instead of three)."""
+        if "qkv_proj" in self:
+            return False
+        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
+        if fused is None:
+            return False
+        del self.q_proj, self.k_proj, self.v_proj
+        self.qkv_proj = fused
+        return True
+
+    def unfuse(self) -> None:
+        if "qkv_proj" in self:
+            self.q_proj, self.k_proj, self.v_proj = split_linear(self.qkv_proj, self._qkv_sizes())
+            del self.qkv_proj
+
+    def _qkv_sizes(self) -> list[int]:
+        total = self.qkv_proj.weight.shape[0]
+        Dh = total // (self.n_heads + 2 * self.n_kv_heads)
+        return [self.n_heads * Dh, self.n_kv_heads * Dh, self.n_kv_heads * Dh]
+
+    def _project(self, x: mx.array, offset, rope_rows) -> tuple[mx.array, mx.array, mx.array]:
+        """Queries (B, H, L, Dh) and keys (B, Hkv, L, Dh) rotated to their positions, values."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # (B, H, L, Dh)
-        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
-        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # (B, Hkv, L, Dh)
+        H, Hkv = self.n_heads, self.n_kv_heads
+        if "qkv_proj" in self:
+            qkv = self.qkv_proj(x).reshape(B, L, H + 2 * Hkv, -1)  # (B, L, H + 2Hkv, Dh)
+            v = qkv[:, :, H + Hkv :].transpose(0, 2, 1, 3)
+            if rope_rows is not None:  # q and k rotated together
+                qk = apply_rope_table(qkv[:, :, : H + Hkv], *rope_rows).transpose(0, 2, 1, 3)
+            else:
+                qk = self.rope(qkv[:, :, : H + Hkv].transpose(0, 2, 1, 3), offset=offset)
+            return qk[:, :H], qk[:, H:], v
+        q = self.q_proj(x).reshape(B, L, H, -1)
+        k = self.k_proj(x).reshape(B, L, Hkv, -1)
+        v = self.v_proj(x).reshape(B, L, Hkv, -1).transpose(0, 2, 1, 3)
+        if rope_rows is not None:
+            return (apply_rope_table(q, *rope_rows).transpose(0, 2, 1, 3),
+                    apply_rope_table(k, *rope_rows).transpose(0, 2, 1, 3), v)
+        q, k = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3)
+        return self.rope(q, offset=offset), self.rope(k, offset=offset), v
+
+    def __call__(self, x: mx.array, mask: mx.array | str | None = None, cache: Any = None,
+                 rope_rows: tuple[mx.array, mx.array] | None = None) -> mx.array:
+        """rope_rows: the RopeTable's (cos, sin) for these positions, or None for self.rope."""
+        B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
-        k = self.rope(k, offset=offset)
+        q, k, v = self._project(x, offset, rope_rows)  # (B, H, L, Dh), (B, Hkv, L, Dh) x 2
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, Dh)
         if host_ops.wanted(q, cache):  # prompt chunks on CPU: NumPy's exp is ~15x faster
@@ -151,10 +296,33 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, F, bias=args.mlp_bias)
         self.down_proj = nn.Linear(F, D, bias=args.mlp_bias)
 
+    def fuse(self) -> bool:
+        """gate and up projections -> one gate_up_proj."""
+        if "gate_up_proj" in self:
+            return False
+        fused = fuse_linears([self.gate_proj, self.up_proj])
+        if fused is None:
+            return False
+        del self.gate_proj, self.up_proj
+        self.gate_up_proj = fused
+        return True
+
+    def unfuse(self) -> None:
+        if "gate_up_proj" in self:
+            F = self.gate_up_proj.weight.shape[0] // 2
+            self.gate_proj, self.up_proj = split_linear(self.gate_up_proj, [F, F])
+            del self.gate_up_proj
+
     def __call__(self, x: mx.array, host: bool = False) -> mx.array:
+        if "gate_up_proj" in self:
+            gate_up = self.gate_up_proj(x)  # (B, L, 2F)
+            F = gate_up.shape[-1] // 2
+            gate, up = gate_up[..., :F], gate_up[..., F:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
         if host:  # a prompt chunk on CPU (host_ops.wanted): SiLU by NumPy
-            return self.down_proj(host_ops.swiglu(self.gate_proj(x), self.up_proj(x)))
-        return self.down_proj(nn.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU, (B, L, D)
+            return self.down_proj(host_ops.swiglu(gate, up))
+        return self.down_proj(nn.silu(gate) * up)  # SwiGLU, (B, L, D)
 
 
 class TransformerBlock(nn.Module):
@@ -165,8 +333,8 @@ class TransformerBlock(nn.Module):
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask=None, cache=None, rope_rows=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope_rows)
         if host_ops.wanted(h, cache, axis=1):
             return h + self.mlp(self.post_attention_layernorm(h), host=True)
         return h + self.mlp(self.post_attention_layernorm(h))
@@ -178,14 +346,27 @@ class LlamaModel(nn.Module):
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = [TransformerBlock(args) for _ in range(args.num_hidden_layers)]
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
+        self._rope_table = RopeTable.for_args(args)  # a plain attribute: not a parameter
+
+    def rope_rows(self, cache, length: int, dtype: mx.Dtype):
+        """The rotary table rows for this forward pass on CPU, or None to use mx.fast.rope (a GPU
+        kernel; also the path for array offsets inside mx.compile and the traditional layout)."""
+        table = self._rope_table
+        if table is None or mx.default_device() != mx.cpu:
+            return None
+        offset = cache[0].offset if cache[0] is not None else 0
+        if not isinstance(offset, int):
+            return None
+        return table(offset, length, dtype)
 
     def __call__(self, tokens: mx.array, cache=None, mask=None) -> mx.array:
         h = self.embed_tokens(tokens)  # (B, L, D)
         cache = cache if cache is not None else [None] * len(self.layers)
         if mask is None and h.shape[1] > 1:
             mask = causal_mask(h.shape[1], cache[0])
+        rope_rows = self.rope_rows(cache, h.shape[1], h.dtype)
         for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, c)
+            h = layer(h, mask, c, rope_rows)
         return self.norm(h)
 
 
@@ -216,6 +397,18 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+    def fuse_projections(self) -> int:
+        """Stacks q/k/v and gate/up into one matmul each, for inference (weights unchanged; the
+        parameter names change, so LoRA and saving call unfuse_projections first). Returns how
+        many groups were fused; groups that cannot be (LoRA-wrapped, mixed quantization) stay."""
+        return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
+
+    def unfuse_projections(self) -> None:
+        """Back to the checkpoint's separate q/k/v and gate/up layers (exact)."""
+        for layer in self.layers:
+            layer.self_attn.unfuse()
+            layer.mlp.unfuse()
 
     def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
         if max_kv_size is not None:
