@@ -2,7 +2,8 @@
 
 The graph must have fixed shapes, so the KV cache is preallocated (B, Hkv, capacity, Dh) and written
 at a position given as an array (mx.slice_update), RoPE takes that position as an array too, and
-attention reads the whole buffer under a mask (positions <= offset). One graph is traced per
+attention reads the whole buffer under a mask (positions <= offset); on CPU the rotary cos/sin rows
+come in as inputs from the model's RopeTable. One graph is traced per
 (batch, capacity); capacity is a multiple of CAPACITY_STEP, so a process traces few graphs.
 
 Where it pays: on a GPU, batch-1 decode of small models is bound by per-operation host work
@@ -37,13 +38,15 @@ def supports_compiled_step(model) -> bool:
 
 
 def make_step(model: Model):
-    """(tokens (B, 1), offset () int32, keys [(B, Hkv, C, Dh)], values [...]) -> (logits (B, V), keys, values)."""
+    """(tokens (B, 1), offset () int32, keys [(B, Hkv, C, Dh)], values [...], rope_rows [] or
+    [cos, sin]) -> (logits (B, V), keys, values). rope_rows: the model's RopeTable rows for this
+    position, computed on the host (CPU); empty: mx.fast.rope with the array offset (GPU)."""
 
-    def step(tokens, offset, keys, values):
+    def step(tokens, offset, keys, values, rope_rows):
         caches = [StaticKVCache(k, v, offset) for k, v in zip(keys, values)]
         capacity = keys[0].shape[2]
         mask = (mx.arange(capacity) <= offset)[None, None, None, :]  # (1, 1, 1, C)
-        logits = model(tokens, cache=caches, mask=mask)[:, -1, :]
+        logits = model(tokens, cache=caches, mask=mask, rope_rows=tuple(rope_rows) or None)[:, -1, :]
         return logits, [c.keys for c in caches], [c.values for c in caches]
 
     return mx.compile(step, inputs=model.state)
@@ -75,6 +78,8 @@ class CompiledForward:
     def __init__(self, model: Model, cache: list):
         self.step = compiled_step_for(model)
         self.offset = cache[0].offset
+        # on CPU the rotary rows come from the host table (mx.fast.rope has no CPU kernel)
+        self.rope_table = model.model._rope_table if mx.default_device() == mx.cpu else None
         capacity = round_up(self.offset + 1)  # multiples of CAPACITY_STEP: few distinct graphs
         self.keys = [pad_positions(c.state[0], capacity - self.offset) for c in cache]
         self.values = [pad_positions(c.state[1], capacity - self.offset) for c in cache]
@@ -84,6 +89,7 @@ class CompiledForward:
             self.keys = [pad_positions(k, CAPACITY_STEP) for k in self.keys]
             self.values = [pad_positions(v, CAPACITY_STEP) for v in self.values]
         offset = mx.array(self.offset, dtype=mx.int32)
-        logits, self.keys, self.values = self.step(y[:, None], offset, self.keys, self.values)
+        rows = list(self.rope_table(self.offset, 1, self.keys[0].dtype)) if self.rope_table else []
+        logits, self.keys, self.values = self.step(y[:, None], offset, self.keys, self.values, rows)
         self.offset += 1
         return logits  # (B, V)

@@ -45,4 +45,4 @@ def load_draft(path):
         return None
     from ..loader import load_model
 
-    return load_model(path)[0]
+    return load_model(path, fuse=True)[0]

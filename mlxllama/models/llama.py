@@ -359,12 +359,13 @@ class LlamaModel(nn.Module):
             return None
         return table(offset, length, dtype)
 
-    def __call__(self, tokens: mx.array, cache=None, mask=None) -> mx.array:
+    def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
         h = self.embed_tokens(tokens)  # (B, L, D)
         cache = cache if cache is not None else [None] * len(self.layers)
         if mask is None and h.shape[1] > 1:
             mask = causal_mask(h.shape[1], cache[0])
-        rope_rows = self.rope_rows(cache, h.shape[1], h.dtype)
+        if rope_rows is None:
+            rope_rows = self.rope_rows(cache, h.shape[1], h.dtype)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c, rope_rows)
         return self.norm(h)
@@ -388,8 +389,10 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def __call__(self, tokens: mx.array, cache=None, mask=None) -> mx.array:
-        h = self.model(tokens, cache, mask)  # (B, L, D)
+    def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
+        """rope_rows: precomputed RopeTable rows (cos, sin) for these positions (the compiled step
+        passes them in); None picks them, or mx.fast.rope, by itself."""
+        h = self.model(tokens, cache, mask, rope_rows)  # (B, L, D)
         if self.args.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(h)  # (B, L, V)
         return self.lm_head(h)
