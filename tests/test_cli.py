@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -83,9 +84,16 @@ def test_ctrl_c_keeps_printed_text_and_exits_cleanly(tiny):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         first = p.stdout.read(1)  # generation has started
+        # keep reading, as a terminal would: the child must not sit blocked on a full pipe
+        errs = []
+        threading.Thread(target=p.stdout.read, daemon=True).start()
+        err_reader = threading.Thread(target=lambda: errs.append(p.stderr.read()), daemon=True)
+        err_reader.start()
         time.sleep(0.3)
         p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
+        err_reader.join(10)
+        err = errs[0] if errs else b""
     finally:
         p.kill()
     assert first and p.returncode == 130
@@ -111,6 +119,30 @@ def test_chat_session_reuses_cache(tiny):
     fresh = ChatSession(model, tokenizer, max_tokens=4)
     fresh.messages = list(session.messages[:3])
     assert "".join(fresh.send("more")) == second and isinstance(first, str)
+
+
+def test_chat_prompt_lookup_sees_earlier_turns(tiny, monkeypatch):
+    """Each turn feeds only its new tokens; prompt lookup is also given what the cache holds."""
+    import mlxllama
+    import mlxllama.chat as chat
+
+    seen = []
+    real = chat.stream_generate
+
+    def spy(model, tokenizer, prompt, **kwargs):
+        seen.append((list(kwargs["lookup_context"]), list(prompt)))
+        return real(model, tokenizer, prompt, **kwargs)
+
+    monkeypatch.setattr(chat, "stream_generate", spy)
+    model, tokenizer = mlxllama.load(tiny)
+    session = chat.ChatSession(model, tokenizer, max_tokens=4, prompt_lookup=2)
+    first = "".join(session.send("hello there"))
+    plain = chat.ChatSession(model, tokenizer, max_tokens=4)
+    plain.messages = list(session.messages)
+    second = "".join(session.send("more"))
+    assert seen[0][0] == [] and len(seen[1][0]) > 0
+    assert seen[1][0] + seen[1][1] == session._render()[: len(seen[1][0]) + len(seen[1][1])]
+    assert "".join(plain.send("more")) == second and isinstance(first, str)
 
 
 def test_help_lists_commands():
