@@ -50,7 +50,8 @@ class ChatSession:
         new = self._new_tokens(tokens)
         answer, generated = "", []
         try:
-            for r in stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache, **self.gen_kwargs):
+            for r in stream_generate(self.model, self.tokenizer, new, prompt_cache=self.cache,
+                                     lookup_context=self.cached_tokens, **self.gen_kwargs):
                 answer += r.text
                 if r.token >= 0:
                     generated.append(r.token)

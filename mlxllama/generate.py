@@ -173,7 +173,8 @@ def encode_prompt(tokenizer, prompt: str | Sequence[int] | mx.array) -> mx.array
 
 
 def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: int = 0,
-                   num_draft_tokens: int | None = None, **kwargs) -> Iterator[tuple[int, mx.array, bool]]:
+                   num_draft_tokens: int | None = None, lookup_context: Sequence[int] | None = None,
+                   **kwargs) -> Iterator[tuple[int, mx.array, bool]]:
     """Chooses plain or speculative decoding; yields (token, logprobs, from_draft)."""
     if draft_model is not None or prompt_lookup:
         from .speculative import speculative_generate_step
@@ -181,7 +182,7 @@ def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: 
         kwargs.pop("compiled", None)
         yield from speculative_generate_step(
             prompt, model, draft_model=draft_model, prompt_lookup=prompt_lookup,
-            num_draft_tokens=num_draft_tokens, **kwargs,
+            num_draft_tokens=num_draft_tokens, lookup_context=lookup_context, **kwargs,
         )
         return
     for token, logprobs in generate_step(prompt, model, **kwargs):
@@ -211,9 +212,12 @@ def stream_generate(
     draft_model=None,
     prompt_lookup: int = 0,
     num_draft_tokens: int | None = None,
+    lookup_context: Sequence[int] | None = None,
     compiled: bool = False,
 ) -> Iterator[GenerationResponse]:
-    """Yields a GenerationResponse per token; the last one carries finish_reason."""
+    """Yields a GenerationResponse per token; the last one carries finish_reason.
+    lookup_context: tokens before `prompt` that prompt lookup may draft from as well, typically
+    what `prompt_cache` already holds (a document, earlier chat turns)."""
     if max_tokens < 0:
         raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
     tokens = encode_prompt(tokenizer, prompt)
@@ -232,7 +236,7 @@ def stream_generate(
     prompt_tps, n = 0.0, 0
     steps = token_iterator(
         tokens, model, draft_model=draft_model, prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens,
-        max_tokens=max_tokens, sampler=sampler, logits_processors=processors, max_kv_size=max_kv_size,
+        lookup_context=lookup_context, max_tokens=max_tokens, sampler=sampler, logits_processors=processors, max_kv_size=max_kv_size,
         prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, compiled=compiled,
     )
 

@@ -22,7 +22,7 @@ Rejected positions are dropped from the KV caches with `trim`. Every yielded tok
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import mlx.core as mx
 
@@ -210,9 +210,11 @@ def speculative_generate_step(
     max_kv_size: int | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
+    lookup_context: Sequence[int] | None = None,
 ) -> Iterator[tuple[int, mx.array, bool]]:
     """Yields (token, logprobs (V,), from_draft). prompt_lookup=N drafts up to N tokens from n-grams
-    of the text; draft_model drafts num_draft_tokens (default 3) where prompt lookup finds nothing.
+    of the text (lookup_context, e.g. what prompt_cache holds, then the prompt and the output);
+    draft_model drafts num_draft_tokens (default 3) where prompt lookup finds nothing.
     When the generator is closed early, the model's cache is trimmed to the prompt and the tokens
     handed out, as with plain decoding."""
     if draft_model is None and prompt_lookup <= 0:
@@ -232,7 +234,7 @@ def speculative_generate_step(
     if draft_model is not None:
         draft_cache = draft_cache if draft_cache is not None else make_cache(draft_model, max_kv_size)
         drafter = DraftModel(draft_model, draft_cache, prompt_list, sampler, processors, prefill_step_size)
-    lookup = PromptLookup(prompt_list) if n_lookup else None
+    lookup = PromptLookup([*(lookup_context or ()), *prompt_list]) if n_lookup else None
 
     # The model's cache holds history[:len(history) - len(pending)]; pending is fed next.
     history = list(prompt_list)

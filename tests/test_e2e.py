@@ -56,3 +56,26 @@ def test_streaming_is_whole_characters(smol):
     pieces = [r.text for r in mlxllama.stream_generate(model, tokenizer, prompt, max_tokens=24)]
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == mlxllama.generate(model, tokenizer, prompt, max_tokens=24)
+
+
+def test_prompt_lookup_drafts_from_the_cached_document(smol):
+    """With a prompt cache, prompt lookup also drafts from the tokens the cache holds
+    (lookup_context): the same greedy text, most of a copied answer from accepted drafts."""
+    model, tokenizer = smol
+    doc = "Note: the launch code for the lab door is 7 4 1 9 2 8 3 6, and it changes every Monday."
+    prompt = chat_tokens(tokenizer, f"{doc}\nWhat is the launch code for the lab door?")
+    head, last = prompt[:-1], prompt[-1:]
+
+    def run(**kwargs):
+        cache = model.make_cache()
+        model(mx.array(head)[None], cache=cache)
+        mx.eval([c.state for c in cache])
+        records = list(mlxllama.stream_generate(model, tokenizer, last, max_tokens=24, prompt_cache=cache, **kwargs))
+        return "".join(r.text for r in records), sum(r.from_draft for r in records)
+
+    plain, _ = run()
+    blind, blind_drafted = run(prompt_lookup=4)  # the prompt is one token: nothing to draft from
+    seen, drafted = run(prompt_lookup=4, lookup_context=head)
+    assert "7 4 1 9 2 8 3 6" in plain
+    assert seen == plain == blind
+    assert drafted >= 8 > blind_drafted

@@ -361,6 +361,29 @@ def test_default_model_answers_from_the_context(default_model_dir):
     assert "ruiz" in generated.answer.lower() and generated.evidence["text"] == "Ana Ruiz"
 
 
+@pytest.mark.parametrize("extractive", [False, True], ids=["generative", "extractive"])
+def test_prompt_lookup_drafts_from_the_documents(tiny, monkeypatch, extractive):
+    """The session's prompt is one token after the cached documents: prompt lookup drafts from the
+    documents too, so an answer copied from them comes from accepted drafts. Extractive answers
+    decode plainly (their span constraint follows one token at a time)."""
+    import mlxllama.qa.session as qs
+
+    _, tok = tiny
+    drafted = []
+    real = qs.stream_generate
+
+    def counting(*args, **kwargs):
+        for r in real(*args, **kwargs):
+            drafted.append(r.from_draft)
+            yield r
+
+    monkeypatch.setattr(qs, "stream_generate", counting)
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Paris, France")))
+    session = QASession(model, tok, CONTEXT, prompt_lookup=4, no_answer_threshold=None, extractive=extractive)
+    assert session.ask("Where?").answer == "Paris, France"
+    assert (sum(drafted) >= 6) if not extractive else not any(drafted)
+
+
 @pytest.mark.parametrize("prompt_lookup", [0, 2])
 def test_generative_answer_and_evidence(tiny, prompt_lookup):
     _, tok = tiny

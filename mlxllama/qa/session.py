@@ -55,6 +55,9 @@ class Answer:
         return asdict(self)
 
 
+DEFAULT_PROMPT_LOOKUP = 4  # tokens drafted from n-grams of the documents (generative answers)
+
+
 class QASession:
     """Answers questions about one context, reusing the documents' KV cache between questions."""
 
@@ -75,6 +78,8 @@ class QASession:
             raise InputError(f"no_answer_threshold must be a number, None or 'auto', got {no_answer_threshold!r}")
         self.no_answer_threshold = no_answer_threshold
         gen_kwargs.pop("max_kv_size", None)  # the document cache must keep every position
+        # answers copy the documents: drafting from them is the same output, sooner
+        gen_kwargs.setdefault("prompt_lookup", DEFAULT_PROMPT_LOOKUP)
         self.gen_kwargs = gen_kwargs
         self.window = context_length(model)
         before, after = prompt_parts(tokenizer, [Chunk("", 0, 0, "")])
@@ -87,6 +92,7 @@ class QASession:
         self._chunked: tuple[int, list[Chunk]] | None = None
         self.cache: list | None = None
         self.cached_doc: list[int] = []
+        self._in_cache: list[int] = []  # every token the cache holds
         self._span_contexts: dict = {}
 
     # -- which passages go into the prompt ------------------------------------------------------
@@ -193,6 +199,7 @@ class QASession:
         extra = self.cache[0].offset - (len(self.cached_doc) + len(tail) - 1)
         for c in self.cache:
             c.trim(extra)
+        self._in_cache = self.cached_doc + tail[:-1]  # what prompt lookup drafts from (the documents)
         return logprobs[0], float(picked.sum().item()), phrase
 
     def _margin(self, step0: mx.array, allowed: list[int] | None, na_lp: float, phrase: list[int]) -> float:
@@ -213,10 +220,12 @@ class QASession:
         return Answer(question, NO_ANSWER, True, None, 0.0, extractive=self.extractive, margin=margin,
                       generation_tokens=n)
 
-    def _stream(self, last: int, processors: list, **extra):
-        kwargs = {**self.gen_kwargs, **extra}
+    def _stream(self, last: int, processors: list, kwargs: dict | None = None):
+        """Decodes the answer from the cached prompt; kwargs replaces the session's gen_kwargs."""
+        kwargs = self.gen_kwargs if kwargs is None else kwargs
         return stream_generate(self.model, self.tokenizer, [last], max_tokens=self.max_tokens,
-                               prompt_cache=self.cache, logits_processors=processors, **kwargs)
+                               prompt_cache=self.cache, logits_processors=processors,
+                               lookup_context=self._in_cache, **kwargs)
 
     def _generate(self, question, chunks, last, step0, na_lp, phrase, on_text) -> Answer:
         """With a no-answer threshold, the margin decides first, then the best answer that does not
@@ -262,7 +271,7 @@ class QASession:
         constraint = SpanConstraint(context, self.tokenizer, ban_first=phrase[0])
         kwargs = {k: v for k, v in self.gen_kwargs.items() if k not in ("prompt_lookup", "draft_model", "stop")}
         tokens, eos = [], None
-        for r in self._stream(last, [constraint], **kwargs):
+        for r in self._stream(last, [constraint], kwargs):
             if r.token in self.tokenizer.eos_token_ids:
                 eos = r.token
             elif r.token >= 0:
