@@ -236,8 +236,8 @@ def stream_generate(
     prompt_tps, n = 0.0, 0
     steps = token_iterator(
         tokens, model, draft_model=draft_model, prompt_lookup=prompt_lookup, num_draft_tokens=num_draft_tokens,
-        lookup_context=lookup_context, max_tokens=max_tokens, sampler=sampler, logits_processors=processors, max_kv_size=max_kv_size,
-        prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, compiled=compiled,
+        lookup_context=lookup_context, max_tokens=max_tokens, sampler=sampler, logits_processors=processors,
+        max_kv_size=max_kv_size, prompt_cache=prompt_cache, prefill_step_size=prefill_step_size, compiled=compiled,
     )
 
     def record(text, token, logprobs, reason, from_draft=False):
