@@ -79,9 +79,12 @@ def test_broken_model_folder(tmp_path):
 
 
 def test_ctrl_c_keeps_printed_text_and_exits_cleanly(tiny):
+    # A child of a background job starts with SIGINT ignored (POSIX shells do that without job
+    # control) and Python then installs no KeyboardInterrupt handler: give it a terminal's default.
     p = subprocess.Popen([sys.executable, "-m", "mlxllama", "generate", "--model", tiny, "--prompt", "hello",
                           "-n", "1000000", "--ignore-chat-template"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         first = p.stdout.read(1)  # generation has started
         # keep reading, as a terminal would: the child must not sit blocked on a full pipe
