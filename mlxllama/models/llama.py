@@ -90,6 +90,9 @@ class Llama3RoPE(nn.Module):
         smooth = (old_context_len / wavelens - low_freq_factor) / (high_freq_factor - low_freq_factor)
         smooth_freqs = freqs / ((1 - smooth) / factor + smooth)
         self._freqs = mx.where(is_medium, smooth_freqs, freqs)
+        # not a parameter, so load's mx.eval(model.parameters()) skips it: evaluate it here, on the
+        # building thread (a lazy array evaluated first on another thread, like the server's, fails)
+        mx.eval(self._freqs)
 
     def __call__(self, x: mx.array, offset: int = 0) -> mx.array:
         return mx.fast.rope(
@@ -111,19 +114,20 @@ def make_rope(args: ModelArgs) -> nn.Module:
 
 
 class RopeTable:
-    """cos and sin of every position's rotary angles, computed once by NumPy in float64.
+    """cos and sin rows of the rotary angles for the positions of one forward pass, by NumPy in
+    float64.
 
     On the CPU backend mx.fast.rope has no kernel: each call rebuilds the angles and takes cos and
     sin of every element (about 140 us for one decode token's queries of SmolLM2, 12 ms for a
-    512-token chunk). With the table, a forward pass slices two (L, Dh) rows once and each layer's
-    rotation is five cheap ops: x * cos + roll_half(x) * sin with the sign folded into sin.
-    Only the "half-split" layout (rope_traditional false, the Hugging Face one) is tabled.
+    512-token chunk). Here the model computes (L, Dh) rows once per forward pass (microseconds for
+    a decode step) and each layer's rotation is five cheap ops: x * cos + roll_half(x) * sin with
+    the sign folded into sin. Nothing is cached, so memory stays flat however far positions go
+    (a rotating KV cache). Only the "half-split" layout (rope_traditional false, the Hugging Face
+    one) is covered.
     """
 
     def __init__(self, inv_freq: np.ndarray, scale: float = 1.0):
-        self.inv_freq = np.asarray(inv_freq, dtype=np.float64)  # (Dh/2,)
-        self.scale = scale
-        self.cos = self.sin = np.zeros((0, 2 * self.inv_freq.size), np.float32)
+        self.inv_freq = np.asarray(inv_freq, dtype=np.float64) * scale  # (Dh/2,) radians per position
 
     @classmethod
     def for_args(cls, args: "ModelArgs") -> "RopeTable | None":
@@ -141,19 +145,13 @@ class RopeTable:
             return cls(1 / np.array(Llama3RoPE(d, args.rope_theta, False, scaling)._freqs, dtype=np.float64))
         return None
 
-    def _grow(self, n: int) -> None:
-        size = max(4096, 1 << (n - 1).bit_length())
-        angles = np.arange(size, dtype=np.float64)[:, None] * self.scale * self.inv_freq  # (P, Dh/2)
-        cos, sin = np.cos(angles), np.sin(angles)
-        self.cos = np.concatenate([cos, cos], axis=1).astype(np.float32)  # (P, Dh)
-        self.sin = np.concatenate([-sin, sin], axis=1).astype(np.float32)
-
     def __call__(self, offset: int, length: int, dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
         """(cos, sin) for positions offset .. offset + length - 1, each (length, 1, Dh)."""
-        if offset + length > self.cos.shape[0]:
-            self._grow(offset + length)
-        rows = slice(offset, offset + length)
-        return (mx.array(self.cos[rows, None, :], dtype=dtype), mx.array(self.sin[rows, None, :], dtype=dtype))
+        angles = np.arange(offset, offset + length, dtype=np.float64)[:, None] * self.inv_freq  # (L, Dh/2)
+        cos, sin = np.cos(angles), np.sin(angles)
+        cos = np.concatenate([cos, cos], axis=1)[:, None, :]  # (L, 1, Dh)
+        sin = np.concatenate([-sin, sin], axis=1)[:, None, :]
+        return mx.array(cos.astype(np.float32), dtype=dtype), mx.array(sin.astype(np.float32), dtype=dtype)
 
 
 def apply_rope_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
@@ -176,12 +174,13 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
     first = layers[0]
     out_dims = sum(m.weight.shape[0] for m in layers)
     if isinstance(first, nn.QuantizedLinear):
-        quant = {(m.group_size, m.bits, m.mode, m.get("biases") is None) for m in layers}
+        quant = {(m.group_size, m.bits, getattr(m, "mode", "affine"), m.get("biases") is None) for m in layers}
         if len(quant) != 1:
             return None
         in_dims = first.weight.shape[1] * 32 // first.bits
         # the constructor's random weights are lazy and replaced before anything evaluates them
-        fused = nn.QuantizedLinear(in_dims, out_dims, bias, first.group_size, first.bits, first.mode)
+        fused = nn.QuantizedLinear(in_dims, out_dims, bias, first.group_size, first.bits,
+                                    getattr(first, "mode", "affine"))
         fused.weight = mx.concatenate([m.weight for m in layers])
         fused.scales = mx.concatenate([m.scales for m in layers])
         if first.get("biases") is not None:
@@ -201,7 +200,8 @@ def split_linear(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
     for lo, hi in zip(bounds, bounds[1:]):
         if isinstance(fused, nn.QuantizedLinear):
             in_dims = fused.weight.shape[1] * 32 // fused.bits
-            m = nn.QuantizedLinear(in_dims, hi - lo, "bias" in fused, fused.group_size, fused.bits, fused.mode)
+            m = nn.QuantizedLinear(in_dims, hi - lo, "bias" in fused, fused.group_size, fused.bits,
+                                  getattr(fused, "mode", "affine"))
             m.weight, m.scales = fused.weight[lo:hi], fused.scales[lo:hi]
             if fused.get("biases") is not None:
                 m.biases = fused.biases[lo:hi]
