@@ -255,6 +255,7 @@ def load(
         from .lora.adapters import load_adapters
 
         load_adapters(model, adapter_path)
+        model.eval()  # the new LoRA layers' dropout: inference here, training is lora.run's business
     if fuse and adapter_path is not None and hasattr(model, "fuse_projections"):
         if model.fuse_projections() and not lazy:  # the groups without adapters
             mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first

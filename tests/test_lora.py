@@ -110,10 +110,30 @@ def test_apply_lora_targets_last_layers_and_keys(tiny):
     wrapped = apply_lora(model, num_layers=1, rank=2, keys="q,v")
     assert wrapped == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.v_proj"]
     assert isinstance(model.layers[1].self_attn.q_proj.linear, nn.QuantizedLinear)
-    with pytest.raises(InputError, match="'self_attn.nope' is not a linear layer"):
-        apply_lora(mlxllama.load(tiny[0])[0], keys=["self_attn.nope"])
+    fused = mlxllama.load(tiny[0])[0]  # load() stacks q/k/v and gate/up
+    with pytest.raises(InputError, match="'self_attn.nope' is not a linear layer .*self_attn.q_proj"):
+        apply_lora(fused, keys=["self_attn.nope"])
     with pytest.raises(InputError, match=r"num_layers is 16 but the model has only 2 layers \(-1 adapts all\)"):
-        apply_lora(mlxllama.load(tiny[0])[0], num_layers=16)
+        apply_lora(fused, num_layers=16)
+    assert "qkv_proj" in fused.layers[0].self_attn  # a rejected call leaves the model as it was
+    # a full path to a stacked part is a valid target; adapters attach to the checkpoint's layers
+    assert apply_lora(fused, num_layers=1, keys=["model.layers.0.self_attn.k_proj"]) == [
+        "model.layers.0.self_attn.k_proj"]
+    assert "q_proj" in fused.layers[0].self_attn and "qkv_proj" not in fused.layers[0].self_attn
+
+
+def test_adapters_with_dropout_are_deterministic_at_inference(tiny, tmp_path):
+    """load(adapter_path=...) is for inference: LoRA dropout must be off (model.eval())."""
+    from mlxllama.lora.adapters import adapter_config, save_adapters
+    from mlxllama.lora.layers import ALL_KEYS, lora_modules
+
+    model, _ = mlxllama.load(tiny[0], fuse=False)
+    apply_lora(model, num_layers=2, rank=4, dropout=0.5)
+    for m in lora_modules(model).values():
+        m.lora_b = mx.random.normal(m.lora_b.shape) * 0.5
+    save_adapters(model, tmp_path / "a", adapter_config(2, 4, 20.0, 0.5, list(ALL_KEYS)))
+    loaded, _ = mlxllama.load(tiny[0], adapter_path=tmp_path / "a")
+    assert np.array_equal(logits(loaded), logits(loaded))
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -106,10 +106,34 @@ def resolve_keys(keys) -> list[str] | None:
     return out
 
 
+# Projections a fused model (Model.fuse_projections) stacks, by the checkpoint's names of the parts.
+FUSED_PARTS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
 def block_linears(block: nn.Module) -> list[str]:
-    """Paths of the linear layers inside one block (q, k, v, o, gate, up, down first)."""
+    """Paths of the linear layers inside one block (q, k, v, o, gate, up, down first), by the
+    checkpoint's names: a stacked qkv_proj or gate_up_proj counts as its parts."""
     found = [k for k, m in block.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    found = [part for k in found for part in FUSED_PARTS.get(k, (k,))]
     return sorted(found, key=lambda k: (ALL_KEYS.index(k) if k in ALL_KEYS else len(ALL_KEYS), k))
+
+
+def linear_paths(model: nn.Module) -> set[str]:
+    """Full paths of the model's linear layers by the checkpoint's names (stacked ones as parts)."""
+    names = set()
+    for path, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, nn.QuantizedLinear)):
+            continue
+        for fused, parts in FUSED_PARTS.items():
+            if path == fused or path.endswith("." + fused):
+                names.update(path[: len(path) - len(fused)] + part for part in parts)
+                break
+        else:
+            names.add(path)
+    return names
 
 
 def target_layers(model: nn.Module, num_layers: int) -> list[tuple[int, nn.Module]]:
@@ -149,18 +173,19 @@ def apply_lora(model: nn.Module, num_layers: int = 16, rank: int = 8, scale: flo
         raise InputError(f"LoRA dropout must be in [0, 1), got {dropout}")
     linear = (nn.Linear, nn.QuantizedLinear)
     keys = resolve_keys(keys)
-    if hasattr(model, "unfuse_projections"):  # adapters attach to the checkpoint's own projections
-        model.unfuse_projections()
     available = block_linears(model.layers[-1])
-    top = dict(model.named_modules())
+    top_names = linear_paths(model)
     if keys is None:
         keys = available
     for k in keys:
-        if k not in available and not isinstance(top.get(k), linear):
+        if k not in available and k not in top_names:
             raise InputError(f"LoRA target {k!r} is not a linear layer of this model "
                              f"(a block has: {', '.join(available)})")
     blocks = target_layers(model, num_layers)
     prefix = layers_prefix(model)
+    if hasattr(model, "unfuse_projections"):  # adapters attach to the checkpoint's own projections
+        model.unfuse_projections()
+    top = dict(model.named_modules())
 
     model.freeze()
     wrapped: list[str] = []
