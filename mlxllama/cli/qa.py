@@ -25,7 +25,7 @@ def threshold(value: str):
 def qa_options(f):
     f = click.option("--prompt-lookup", type=click.IntRange(min=0), default=4, show_default=True,
                      help="Speculative decoding drafting N tokens from n-grams of the documents and question "
-                          "(generative mode; the same answers, sooner; 0: off).")(f)
+                          "(generative mode; greedy answers are unchanged, only sooner; 0: off).")(f)
     f = click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")(f)
     f = click.option("--temp", "--temperature", "temp", type=click.FloatRange(min=0), default=0.0,
                      help="Sampling temperature (0: greedy).")(f)
