@@ -204,3 +204,19 @@ def test_traditional_rope_uses_the_fast_kernel():
     cache = model.make_cache()
     steps = [model(TOKENS[:, :4], cache=cache)] + [model(TOKENS[:, i : i + 1], cache=cache) for i in range(4, 10)]
     np.testing.assert_allclose(np.array(mx.concatenate(steps, axis=1)), np.array(model(TOKENS)), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "qwen2_bias", "llama3_rope"])
+def test_fused_model_on_the_fast_rope_path(name):
+    """The GPU path (mx.fast.rope on the stacked q and k) gives the CPU path's logits."""
+    model, _ = make_model(name)
+    want = [np.array(model(TOKENS))]
+    cache = model.make_cache()
+    want.append(np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1)))
+    model.fuse_projections()
+    model.model._rope_table = None  # what rope_rows gives on a GPU
+    cache = model.make_cache()
+    got = [np.array(model(TOKENS)),
+           np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1))]
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-4)
