@@ -331,6 +331,7 @@ def batch_generate(
     if not hasattr(model, "make_cache") or "mask" not in model.__call__.__code__.co_varnames:
         return [generate(model, tokenizer, p, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                          min_p=min_p, seed=seed, stop=stop) for p in encoded]
+    greedy = sampler is None and temp == 0
     sampler = sampler or make_sampler(temp, top_p, top_k, min_p, seed)
     B, longest = len(encoded), max(map(len, encoded))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -341,6 +342,8 @@ def batch_generate(
     def step(x: mx.array) -> mx.array:
         offset = cache[0].offset
         logits = model(x, cache=cache, mask=padding_mask(pad, offset, x.shape[1]))[:, -1, :]  # (B, V)
+        if greedy:  # the argmax needs no normalising (B x V exps: ~7 ms a step at B=8 on CPU)
+            return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))  # (B,)
 
     while tokens.shape[1] > 1:  # all but the last position: the vocabulary projection runs on one row
