@@ -337,8 +337,8 @@ class Engine:
     @staticmethod
     def _sample(rows: list[Row], logits: mx.array) -> tuple[mx.array, mx.array]:
         """logits (B, V) -> next tokens (B,) and log-probabilities (B, V); greedy rows in one argmax."""
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, V)
-        tokens = mx.argmax(logprobs, axis=-1).astype(mx.int32)  # (B,)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, V), lazy: evaluated only if used
+        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)  # (B,) the same argmax, without B x V exps
         if any(r.individual for r in rows):
             parts = []
             for i, r in enumerate(rows):
