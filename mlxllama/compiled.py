@@ -78,8 +78,7 @@ class CompiledForward:
     def __init__(self, model: Model, cache: list):
         self.step = compiled_step_for(model)
         self.offset = cache[0].offset
-        # on CPU the rotary rows come from the host table (mx.fast.rope has no CPU kernel)
-        self.rope_table = model.model._rope_table if mx.default_device() == mx.cpu else None
+        self.rope_rows = model.model.rope_rows  # host-computed rotary rows on CPU, None elsewhere
         capacity = round_up(self.offset + 1)  # multiples of CAPACITY_STEP: few distinct graphs
         self.keys = [pad_positions(c.state[0], capacity - self.offset) for c in cache]
         self.values = [pad_positions(c.state[1], capacity - self.offset) for c in cache]
@@ -89,7 +88,7 @@ class CompiledForward:
             self.keys = [pad_positions(k, CAPACITY_STEP) for k in self.keys]
             self.values = [pad_positions(v, CAPACITY_STEP) for v in self.values]
         offset = mx.array(self.offset, dtype=mx.int32)
-        rows = list(self.rope_table(self.offset, 1, self.keys[0].dtype)) if self.rope_table else []
+        rows = list(self.rope_rows(self.offset, 1, self.keys[0].dtype) or [])
         logits, self.keys, self.values = self.step(y[:, None], offset, self.keys, self.values, rows)
         self.offset += 1
         return logits  # (B, V)

@@ -348,14 +348,12 @@ class LlamaModel(nn.Module):
         self.norm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self._rope_table = RopeTable.for_args(args)  # a plain attribute: not a parameter
 
-    def rope_rows(self, cache, length: int, dtype: mx.Dtype):
-        """The rotary table rows for this forward pass on CPU, or None to use mx.fast.rope (a GPU
-        kernel; also the path for array offsets inside mx.compile and the traditional layout)."""
+    def rope_rows(self, offset, length: int, dtype: mx.Dtype):
+        """The rotary table rows for positions offset.. on CPU, or None to use mx.fast.rope (a GPU
+        kernel; also the path for array offsets, such as per-row positions, and the traditional
+        layout)."""
         table = self._rope_table
-        if table is None or mx.default_device() != mx.cpu:
-            return None
-        offset = cache[0].offset if cache[0] is not None else 0
-        if not isinstance(offset, int):
+        if table is None or mx.default_device() != mx.cpu or not isinstance(offset, int):
             return None
         return table(offset, length, dtype)
 
@@ -365,7 +363,8 @@ class LlamaModel(nn.Module):
         if mask is None and h.shape[1] > 1:
             mask = causal_mask(h.shape[1], cache[0])
         if rope_rows is None:
-            rope_rows = self.rope_rows(cache, h.shape[1], h.dtype)
+            offset = cache[0].offset if cache[0] is not None else 0
+            rope_rows = self.rope_rows(offset, h.shape[1], h.dtype)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c, rope_rows)
         return self.norm(h)
