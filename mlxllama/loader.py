@@ -250,14 +250,14 @@ def load(
     speed; LoRA training un-stacks them itself)."""
     from .tokenizer import load_tokenizer
 
-    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse)
+    # with adapters, stack after they are attached (the groups without them), not before and again
+    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse and adapter_path is None)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 
         load_adapters(model, adapter_path)
         model.eval()  # the new LoRA layers' dropout: inference here, training is lora.run's business
-    if fuse and adapter_path is not None and hasattr(model, "fuse_projections"):
-        if model.fuse_projections() and not lazy:  # the groups without adapters
+        if fuse and hasattr(model, "fuse_projections") and model.fuse_projections() and not lazy:
             mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first
     eos = config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])

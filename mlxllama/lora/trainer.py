@@ -229,8 +229,6 @@ class Trainer:
     def __init__(self, model: nn.Module, tokenizer, config: LoRAConfig, log: Callable[[str], None] | None = None,
                  progress: bool = True, compile: bool = True, on_step: Callable[[int, float], None] | None = None):
         config.validate()
-        if hasattr(model, "unfuse_projections"):  # LoRA targets the checkpoint's own q/k/v, gate/up
-            model.unfuse_projections()
         self.model, self.tokenizer, self.config = model, tokenizer, config
         self.log = log or stderr_log
         self.progress = progress
