@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 OURS = """
 import sys
-from convert import convert
+from mlxllama.convert import convert
 convert(sys.argv[1], sys.argv[2], bits=int(sys.argv[3]), group_size=int(sys.argv[4]), progress=False)
 """
 THEIRS = """
@@ -116,7 +116,7 @@ def main() -> None:
         model = home / "test-fixtures" / "SmolLM2-135M-Instruct-hf-float32"
         if not (model / "config.json").is_file():
             sys.path.insert(0, str(ROOT))
-            from convert import build_hf_checkpoint, fetch_default_gguf
+            from mlxllama.convert import build_hf_checkpoint, fetch_default_gguf
 
             build_hf_checkpoint(fetch_default_gguf(home), model, dtype="float32", force=model.exists())
     results = []

@@ -1,6 +1,6 @@
 """Convert Hugging Face safetensors checkpoints, GGUF files and MLX folders to MLX model folders.
 
-    from convert import convert
+    from mlxllama.convert import convert
     report = convert("path/or/owner-repo", "out_dir", bits=4, group_size=64)
 
 The output is the layout mlx-lm writes (config.json with "quantization", model*.safetensors,

@@ -15,7 +15,7 @@ def __getattr__(name):  # heavier parts load on first use
 
         return answer
     if name == "convert":
-        from convert import convert
+        from mlxllama.convert import convert
 
         return convert
     raise AttributeError(f"module 'mlxllama' has no attribute {name!r}")

@@ -29,7 +29,7 @@ def default_model_path() -> Path:
     path = cache_home() / "models" / DEFAULT_MODEL_NAME
     if (path / "config.json").is_file():
         return path
-    from convert.default_model import build_default_model  # lazy: only on first use
+    from mlxllama.convert.default_model import build_default_model  # lazy: only on first use
 
     return Path(build_default_model(cache_home(), progress=True))
 

@@ -17,7 +17,7 @@ def _cache_home() -> Path:
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF converted as is), built once per cache."""
-    from convert import build_default_model
+    from mlxllama.convert import build_default_model
 
     return build_default_model(_cache_home())
 
@@ -25,7 +25,7 @@ def default_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def hf_checkpoint_dir() -> Path:
     """A float32 Hugging Face checkpoint of the same model (dequantized GGUF), built once per cache."""
-    from convert import build_hf_checkpoint, fetch_default_gguf
+    from mlxllama.convert import build_hf_checkpoint, fetch_default_gguf
 
     home = _cache_home()
     out = home / "test-fixtures" / "SmolLM2-135M-Instruct-hf-float32"

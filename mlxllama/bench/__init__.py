@@ -245,7 +245,7 @@ def find_gguf(opts: BenchOptions) -> str | None:
         if p.is_file():
             return str(p)
     try:
-        from convert.default_model import fetch_default_gguf
+        from mlxllama.convert.default_model import fetch_default_gguf
 
         return str(fetch_default_gguf(cache_home()))
     except Exception:

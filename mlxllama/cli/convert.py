@@ -27,7 +27,7 @@ import click
 def convert_command(src, out, bits, group_size, no_quantize, recipe, dtype, dequantize, max_shard_size, force):
     """Convert a Hugging Face checkpoint (folder or repo id), a .gguf file or an MLX model into a
     (quantized) MLX model folder."""
-    from convert import convert
+    from mlxllama.convert import convert
 
     report = convert(src, out, bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None, quantize=not no_quantize,
                      dtype=dtype, recipe=recipe, dequantize=dequantize, max_shard_size=max_shard_size,

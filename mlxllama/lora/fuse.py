@@ -35,7 +35,7 @@ def checkpoint_dtype(model_dir: Path) -> str:
 def fuse(model_path: str | os.PathLike | None, adapter_path: str | os.PathLike, output: str | os.PathLike,
          dequantize: bool = False, force: bool = False, max_shard_size: str | int = "5GB") -> Path:
     """Writes base + adapters to `output` as a model folder; returns its path."""
-    from convert.writer import ShardWriter, atomic_output_dir, parse_size, write_json
+    from mlxllama.convert.writer import ShardWriter, atomic_output_dir, parse_size, write_json
 
     from ..hub import resolve_model
     from ..loader import dequantize_layers, load_model, read_json
