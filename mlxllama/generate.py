@@ -202,6 +202,8 @@ def stream_generate(
     seed: int | None = None,
     repetition_penalty: float | None = None,
     repetition_context_size: int = 20,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
     logit_bias: dict[int, float] | None = None,
     stop: Sequence[str] | None = None,
     sampler: Sampler | None = None,
@@ -223,8 +225,9 @@ def stream_generate(
     tokens = encode_prompt(tokenizer, prompt)
     check_prompt(model, tokens.size, prompt_cache, max_kv_size)
     sampler = sampler or make_sampler(temp, top_p, top_k, min_p, seed)
-    processors = (logits_processors or []) + make_logits_processors(logit_bias, repetition_penalty,
-                                                                     repetition_context_size)
+    processors = (logits_processors or []) + make_logits_processors(
+        logit_bias, repetition_penalty, repetition_context_size, presence_penalty, frequency_penalty,
+        prompt_tokens=tokens.size)
     if seed is not None:
         mx.random.seed(seed)
     eos = set(tokenizer.eos_token_ids)

@@ -18,7 +18,8 @@ Processor = Callable[[mx.array, mx.array], mx.array]
 
 
 def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
-                   repetition_penalty: float | None = None) -> None:
+                   repetition_penalty: float | None = None, presence_penalty: float = 0.0,
+                   frequency_penalty: float = 0.0, repetition_context_size: int = 20) -> None:
     """Raises InputError naming the first out-of-range value."""
     if not (temp >= 0 and math.isfinite(temp)):
         raise InputError(f"temperature must be >= 0, got {temp}")
@@ -30,6 +31,11 @@ def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p:
         raise InputError(f"min_p must be in [0, 1), got {min_p}")
     if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
         raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
+    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
+        if not (-2 <= value <= 2):
+            raise InputError(f"{name} must be between -2 and 2, got {value}")
+    if repetition_context_size < 1:
+        raise InputError(f"repetition_context_size must be >= 1, got {repetition_context_size}")
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -98,6 +104,20 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> Processor
     return process
 
 
+def make_presence_frequency_penalty(presence: float, frequency: float, prompt_tokens: int = 0) -> Processor:
+    """OpenAI's penalties: logit[j] -= frequency * c[j] + presence * (c[j] > 0), where c[j] counts
+    token j among the generated tokens: `tokens` minus its first `prompt_tokens` (the prompt)."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        generated = tokens.reshape(-1)[prompt_tokens:]  # (n,) one sequence's tokens so far
+        if generated.size == 0:
+            return logits
+        counts = mx.zeros((logits.shape[-1],), dtype=logits.dtype).at[generated].add(1)  # (V,) c[j]
+        return logits - (frequency * counts + presence * (counts > 0).astype(logits.dtype))
+
+    return process
+
+
 def make_logit_bias(bias: dict[int, float]) -> Processor:
     ids = mx.array(list(bias.keys()), dtype=mx.int32)
     values = mx.array(list(bias.values()), dtype=mx.float32)
@@ -109,11 +129,19 @@ def make_logit_bias(bias: dict[int, float]) -> Processor:
 
 
 def make_logits_processors(logit_bias: dict[int, float] | None = None, repetition_penalty: float | None = None,
-                           repetition_context_size: int = 20) -> list[Processor]:
-    check_sampling(repetition_penalty=repetition_penalty)
+                           repetition_context_size: int = 20, presence_penalty: float = 0.0,
+                           frequency_penalty: float = 0.0, prompt_tokens: int = 0) -> list[Processor]:
+    """The processors these settings ask for (none for neutral values). prompt_tokens: how many of
+    the tokens a processor sees are the prompt, which the presence and frequency penalties skip
+    (OpenAI counts only generated tokens); the repetition penalty looks at the last
+    repetition_context_size tokens, prompt included (as mlx-lm and llama.cpp do)."""
+    check_sampling(repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, repetition_context_size=repetition_context_size)
     processors = []
     if logit_bias:
         processors.append(make_logit_bias(logit_bias))
     if repetition_penalty is not None and repetition_penalty != 1.0:
         processors.append(make_repetition_penalty(repetition_penalty, repetition_context_size))
+    if presence_penalty or frequency_penalty:
+        processors.append(make_presence_frequency_penalty(presence_penalty, frequency_penalty, prompt_tokens))
     return processors

@@ -22,6 +22,12 @@ def sampling_options(f):
     f = click.option("--draft-model", default=None, help="A small model for speculative decoding.")(f)
     f = click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")(f)
     f = click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")(f)
+    f = click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0,
+                     help="Subtracted from a token's logit per time it was generated (OpenAI's definition).")(f)
+    f = click.option("--presence-penalty", type=click.FloatRange(-2, 2), default=0.0,
+                     help="Subtracted from the logit of every token generated so far (OpenAI's definition).")(f)
+    f = click.option("--repetition-context-size", type=click.IntRange(min=1), default=20,
+                     help="Tokens the repetition penalty looks back over.")(f)
     f = click.option("--repetition-penalty", type=float, default=None, help="Penalty > 0 for repeated tokens (1: off).")(f)
     f = click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="Min-p filtering.")(f)
     f = click.option("--top-k", type=click.IntRange(min=0), default=0, help="Top-k filtering (0: off).")(f)
@@ -35,7 +41,8 @@ def sampling_options(f):
 def sampling_kwargs(o: dict) -> dict:
     return dict(
         max_tokens=o["max_tokens"], temp=o["temp"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
-        repetition_penalty=o["repetition_penalty"], seed=o["seed"], stop=list(o["stop"]) or None,
+        repetition_penalty=o["repetition_penalty"], repetition_context_size=o["repetition_context_size"],
+        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"], seed=o["seed"], stop=list(o["stop"]) or None,
         max_kv_size=o["max_kv_size"], prompt_lookup=o["prompt_lookup"],
     )
 

@@ -1,4 +1,4 @@
-"""`mlxllama serve`: an OpenAI-compatible HTTP server for one model."""
+"""`mlxllama serve`: an HTTP server for one model, speaking the OpenAI, Anthropic and Ollama APIs."""
 
 from __future__ import annotations
 
@@ -12,25 +12,39 @@ from .options import model_options
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback exposes the model to the network: use --api-key.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--ollama", is_flag=True,
+              help="Also listen on Ollama's port 11434, for apps that only know Ollama's address.")
 @click.option("--api-key", envvar="MLXLLAMA_API_KEY", default=None,
-              help="Require 'Authorization: Bearer KEY' on every /v1 request (or set MLXLLAMA_API_KEY).")
+              help="Require 'Authorization: Bearer KEY' (or 'x-api-key: KEY') on every API request "
+                   "(or set MLXLLAMA_API_KEY).")
+@click.option("--served-model-name", "served_model_names", multiple=True, metavar="NAME",
+              help="A name clients may use for the model (repeatable; the first is the one responses carry). "
+                   "Default: the model's repo id or folder name.")
+@click.option("--accept-any-model", is_flag=True,
+              help="Answer requests naming any model with this one (for tools that hard-code a model name).")
+@click.option("--allowed-origins", "allowed_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages from ORIGIN (e.g. http://localhost:3000, or '*') call the server "
+                   "(CORS; repeatable). Default: no CORS headers.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests decoded together in one batch.")
+              help="Requests (or choices of n>1 requests) decoded together in one batch.")
 @click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
               help="Requests that may wait for a batch slot; beyond that the server answers 429.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="Largest request body accepted (413 beyond).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
               help="max_tokens for requests that do not set it.")
-@click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=1.0, show_default=True,
-              help="temperature for requests that do not set it (1.0 is the OpenAI API's default; 0: greedy).")
+@click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+              help="temperature for requests that do not set one: 0 decodes greedily, as mlx-lm's server does "
+                   "(the OpenAI API's own default is 1.0).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
-def serve_command(model, adapter_path, dtype, host, port, api_key, max_batch, max_queue, max_body_bytes,
-                  max_tokens, temperature, log_level):
-    """Serve a model over the OpenAI API (chat and text completions, streamed or not)."""
+def serve_command(model, adapter_path, dtype, host, port, ollama, api_key, served_model_names, accept_any_model,
+                  allowed_origins, max_batch, max_queue, max_body_bytes, max_tokens, temperature, log_level):
+    """Serve a model over the OpenAI API (chat and text completions, responses), Anthropic's
+    Messages API and Ollama's API, streamed or not; Prometheus metrics at /metrics."""
     from ..serve import serve
 
     serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
-          log_level=log_level)
+          log_level=log_level, served_model_names=list(served_model_names) or None, accept_any_model=accept_any_model,
+          allowed_origins=list(allowed_origins) or None, ollama=ollama)

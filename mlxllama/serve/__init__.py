@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
+import socket
+
+from ..errors import InputError
 
 from .app import create_app
 
@@ -36,24 +40,62 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+OLLAMA_PORT = 11434
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, made before the model loads, so that a port in use is one
+    line at once (InputError) instead of a failure after a long load."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except (OSError, IndexError) as e:
+        raise InputError(f"cannot listen on {host}:{port}: {e}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise InputError(f"port {port} on {host} is already in use (another server?); choose one with --port") from None
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
 def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
-          max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 1.0,
-          dtype: str | None = None, log_level: str = "info") -> None:
-    """Loads the model and serves it until interrupted."""
+          max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 0.0,
+          dtype: str | None = None, log_level: str = "info", served_model_names: list[str] | None = None,
+          accept_any_model: bool = False, allowed_origins: list[str] | None = None, ollama: bool = False) -> None:
+    """Binds the port(s), loads the model and serves it until interrupted.
+
+    ollama: also listen on Ollama's port 11434 (same host), for apps that only know that address."""
     import uvicorn
 
     from ..loader import load
 
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    sockets = [bind(host, port)]
+    try:
+        if ollama and port != OLLAMA_PORT:
+            sockets.append(bind(host, OLLAMA_PORT))
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
     app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      max_body_bytes=max_body_bytes, default_max_tokens=max_tokens, default_temperature=temperature,
-                     allowed_hosts=LOOPBACK_NAMES if loopback else None)
+                     allowed_hosts=LOOPBACK_NAMES if loopback else None, served_model_names=served_model_names,
+                     accept_any_model=accept_any_model, allowed_origins=allowed_origins)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)
     shown = f"[{host}]" if ":" in host else host
-    log.info("serving %r on http://%s:%d/v1", model_id, shown, port)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    names = ", ".join(repr(n) for n in (served_model_names or [model_id]))
+    log.info("serving %s on http://%s:%d/v1%s", names, shown, port,
+             f" (and Ollama's API on port {OLLAMA_PORT})" if len(sockets) > 1 else "")
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=sockets)

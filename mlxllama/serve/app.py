@@ -1,7 +1,7 @@
 """The HTTP side: a Starlette app with the OpenAI routes, the API key check and body limits.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health. Every error is answered with the OpenAI body
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}
+(each also without /v1), GET /health. Every error is answered with the OpenAI body
 {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 """
 
@@ -21,14 +21,19 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Delta, Done, Engine, Job, QueueFull, TokenLogprob
+from . import anthropic, ollama
+from .engine import Delta, Done, Engine
 from .formats import Formatter
-from .prompts import gen_request
-from .schemas import APIError, parse_chat, parse_completion
+from .metrics import CountRequests, Metrics
+from .prompts import choices, gen_request
+from .responses import Responses
+from .runs import Run
+from .schemas import APIError, ModelNames, Parsed, parse_chat, parse_completion
 
 log = logging.getLogger("mlxllama.serve")
 
@@ -39,18 +44,29 @@ STATUS_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405:
 
 @dataclass
 class Settings:
-    model_id: str
+    names: ModelNames
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     default_max_tokens: int = 512
-    default_temperature: float = 1.0  # the OpenAI API's default
+    default_temperature: float = 0.0  # greedy unless a request asks, as mlx-lm's server does
+
+    @property
+    def model_id(self) -> str:
+        return self.names.primary
 
 
-def error_response(e: APIError) -> JSONResponse:
+def error_response(e: APIError, path: str = "") -> JSONResponse:
+    """The error in the shape of the dialect the path belongs to (OpenAI's unless Anthropic's or Ollama's)."""
     headers = {"Retry-After": "1"} if e.status == 429 else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    if path.startswith("/v1/messages"):
+        body = anthropic.error_body(e)
+    elif path.startswith("/api/"):
+        body = ollama.error_body(e)
+    else:
+        body = e.body()
+    return JSONResponse(body, status_code=e.status, headers=headers)
 
 
 def sse(data: dict[str, Any] | str) -> str:
@@ -60,6 +76,7 @@ def sse(data: dict[str, Any] | str) -> str:
 class Handlers:
     def __init__(self, engine: Engine, model, tokenizer, settings: Settings):
         self.engine, self.model, self.tokenizer, self.settings = engine, model, tokenizer, settings
+        self.created = int(time.time())
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -68,9 +85,11 @@ class Handlers:
         if key is None:
             return
         given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {key}".encode()):
-            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>'",
-                           code="invalid_api_key")
+        other = request.headers.get("x-api-key")  # Anthropic's header
+        if not (hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {key}".encode())
+                or (other is not None and hmac.compare_digest(other.encode("utf-8", "replace"), key.encode()))):
+            raise APIError(401, "Incorrect or missing API key: send 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>'", code="invalid_api_key")
 
     async def read_json(self, request: Request) -> Any:
         limit = self.settings.max_body_bytes
@@ -96,19 +115,19 @@ class Handlers:
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.settings.model_id, "load": self.engine.load})
 
-    def model_card(self) -> dict[str, Any]:
-        return {"id": self.settings.model_id, "object": "model", "created": int(time.time()), "owned_by": "mlxllama"}
+    def model_card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "mlxllama"}
 
     async def models(self, request: Request) -> Response:
         self.check_key(request)
-        return JSONResponse({"object": "list", "data": [self.model_card()]})
+        return JSONResponse({"object": "list", "data": [self.model_card(n) for n in self.settings.names]})
 
     async def model_info(self, request: Request) -> Response:
         self.check_key(request)
-        if request.path_params["model_id"] != self.settings.model_id:
-            raise APIError(404, f"The model '{request.path_params['model_id'][:200]}' does not exist",
-                           param="model", code="model_not_found")
-        return JSONResponse(self.model_card())
+        name = request.path_params["model_id"]
+        if name not in self.settings.names:
+            raise APIError(404, f"The model '{name[:200]}' does not exist", param="model", code="model_not_found")
+        return JSONResponse(self.model_card(name))
 
     async def chat(self, request: Request) -> Response:
         return await self.complete(request, "chat")
@@ -116,91 +135,67 @@ class Handlers:
     async def completions(self, request: Request) -> Response:
         return await self.complete(request, "completion")
 
+    async def start(self, request: Request, parsed: Parsed) -> Run:
+        """Tokenizes a checked request and submits its choices: the one path every dialect takes."""
+        gen = await run_in_threadpool(gen_request, parsed, self.tokenizer, self.model, self.settings.default_max_tokens,
+                                      self.settings.default_temperature)
+        return Run.submit(self.engine, choices(gen, parsed.n), request, self.on_done)
+
+    def on_done(self, done: Done) -> None:
+        """Called once per finished choice (metrics hook it)."""
+
     async def complete(self, request: Request, kind: str) -> Response:
         self.check_key(request)
         body = await self.read_json(request)
         parse = parse_chat if kind == "chat" else parse_completion
-        parsed = parse(body, self.settings.model_id)
-        gen = await run_in_threadpool(gen_request, parsed, self.tokenizer, self.model, self.settings.default_max_tokens,
-                                      self.settings.default_temperature)
-        try:
-            job = self.engine.submit(gen, asyncio.get_running_loop())
-        except QueueFull as e:
-            raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded", type="requests") from None
-        fmt = Formatter(kind, self.settings.model_id, self.tokenizer, parsed.logprobs)
-        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        parsed = parse(body, self.settings.names)
+        run = await self.start(request, parsed)
+        fmt = Formatter(kind, parsed.model or self.settings.model_id, self.tokenizer, parsed.logprobs)
         if parsed.stream:
-            return StreamingResponse(self.stream(job, fmt, parsed.include_usage, watcher),
-                                     media_type="text/event-stream",
+            return StreamingResponse(self.stream(run, fmt, parsed.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            return await self.whole(job, fmt)
+            return JSONResponse(fmt.response([(c.text, c.logprobs, c.done) for c in await run.collect()]))
         finally:
-            watcher.cancel()
-            job.cancel()
+            run.close()
 
-    async def whole(self, job: Job, fmt: Formatter) -> Response:
-        text: list[str] = []
-        items: list[TokenLogprob] = []
-        async for event in job.events():
-            if isinstance(event, Delta):
-                text.append(event.text)
-                items.extend(event.logprobs)
-            elif isinstance(event, Done):
-                return JSONResponse(fmt.response("".join(text), items, event))
-            else:
-                raise APIError(500, event.message, code="generation_failed", type="server_error")
-        raise APIError(500, "generation ended without a result", type="server_error")
-
-    async def stream(self, job: Job, fmt: Formatter, include_usage: bool, watcher: asyncio.Task) -> AsyncIterator[str]:
+    async def stream(self, run: Run, fmt: Formatter, include_usage: bool) -> AsyncIterator[str]:
         try:
             if fmt.kind == "chat":
-                yield sse(fmt.chunk("", [], role=True, with_usage_field=include_usage))
-            async for event in job.events():
+                for i in range(len(run.jobs)):
+                    yield sse(fmt.chunk("", [], role=True, with_usage_field=include_usage, index=i))
+            dones: list[Done] = []
+            async for i, event in run.events():
                 if isinstance(event, Delta):
-                    yield sse(fmt.chunk(event.text, event.logprobs, with_usage_field=include_usage))
+                    yield sse(fmt.chunk(event.text, event.logprobs, with_usage_field=include_usage, index=i))
                 elif isinstance(event, Done):
+                    dones.append(event)
                     yield sse(fmt.chunk(None if fmt.kind == "chat" else "", [], event.finish_reason,
-                                        with_usage_field=include_usage))
-                    if include_usage:
-                        yield sse(fmt.usage_chunk(event))
+                                        with_usage_field=include_usage, index=i))
                 else:
                     yield sse(APIError(500, event.message, code="generation_failed", type="server_error").body())
                     return
+            if include_usage:
+                yield sse(fmt.usage_chunk(dones))
             yield sse("[DONE]")
         finally:
-            watcher.cancel()
-            job.cancel()  # a no-op after Done; frees the slot at once when the client went away
-
-
-async def cancel_on_disconnect(request: Request, job: Job) -> None:
-    """Waits for the client to go away (the body has been read already), then cancels its job."""
-    try:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                break
-    except asyncio.CancelledError:
-        return
-    except Exception:  # the server is closing the connection
-        pass
-    job.cancel()
+            run.close()
 
 
 async def on_api_error(request: Request, exc: Exception) -> Response:
-    return error_response(exc)  # type: ignore[arg-type]
+    return error_response(exc, request.url.path)  # type: ignore[arg-type]
 
 
 async def on_http_error(request: Request, exc: Exception) -> Response:
     status = getattr(exc, "status_code", 500)
     message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on {request.url.path}"}
     return error_response(APIError(status, message.get(status, str(getattr(exc, "detail", exc))),
-                                   type=STATUS_TYPES.get(status, "invalid_request_error")))
+                                   type=STATUS_TYPES.get(status, "invalid_request_error")), request.url.path)
 
 
 async def on_server_error(request: Request, exc: Exception) -> Response:
     log.exception("internal error", exc_info=exc)
-    return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+    return error_response(APIError(500, f"internal error: {type(exc).__name__}", type="server_error"), request.url.path)
 
 
 class HostCheck:
@@ -216,22 +211,30 @@ class HostCheck:
             if name not in self.allowed:
                 error = APIError(400, f"this server only answers requests to {', '.join(sorted(self.allowed))}",
                                  code="invalid_host")
-                await error_response(error)(scope, receive, send)
+                await error_response(error, scope.get("path", ""))(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
 
 def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               default_max_tokens: int = 512, default_temperature: float = 1.0,
-               allowed_hosts: list[str] | None = None) -> Starlette:
+               default_max_tokens: int = 512, default_temperature: float = 0.0,
+               allowed_hosts: list[str] | None = None, served_model_names: list[str] | None = None,
+               accept_any_model: bool = False, allowed_origins: list[str] | None = None) -> Starlette:
     """The ASGI app for one loaded model; the engine thread runs while the app is up.
 
     allowed_hosts: Host header names accepted (None: any). A server on a loopback address should
-    accept only loopback names, so a web page cannot reach it through DNS rebinding."""
+    accept only loopback names, so a web page cannot reach it through DNS rebinding.
+    served_model_names: the names requests may use for the model (default: model_id); the first
+    is the one responses carry. accept_any_model: take any name as this model.
+    allowed_origins: web origins allowed to call the API from a browser (CORS); None: no CORS headers."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    names = ModelNames(served_model_names or [model_id], accept_any_model)
     h = Handlers(engine, model, tokenizer,
-                 Settings(model_id, api_key, max_body_bytes, default_max_tokens, default_temperature))
+                 Settings(names, api_key, max_body_bytes, default_max_tokens, default_temperature))
+    metrics = Metrics(engine)
+    h.on_done = metrics.done
+    messages, responses, oll = anthropic.Messages(h), Responses(h), ollama.Ollama(h)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -241,15 +244,35 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         finally:
             await run_in_threadpool(engine.stop)
 
-    routes = [
-        Route("/health", h.health, methods=["GET"]),
-        Route("/v1/models", h.models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", h.model_info, methods=["GET"]),
-        Route("/v1/chat/completions", h.chat, methods=["POST"]),
-        Route("/v1/completions", h.completions, methods=["POST"]),
+    routes = [Route("/health", h.health, methods=["GET"])]
+    for prefix in ("/v1", ""):  # llama.cpp answers the OpenAI routes without /v1 too
+        routes += [
+            Route(f"{prefix}/models", h.models, methods=["GET"]),
+            Route(f"{prefix}/models/{{model_id:path}}", h.model_info, methods=["GET"]),
+            Route(f"{prefix}/chat/completions", h.chat, methods=["POST"]),
+            Route(f"{prefix}/completions", h.completions, methods=["POST"]),
+        ]
+    routes += [
+        Route("/metrics", metrics.endpoint, methods=["GET"]),
+        Route("/v1/responses", responses.create, methods=["POST"]),
+        Route("/v1/messages", messages.create, methods=["POST"]),
+        Route("/v1/messages/count_tokens", messages.count_tokens, methods=["POST"]),
+        Route("/api/version", oll.version, methods=["GET"]),
+        Route("/api/tags", oll.tags, methods=["GET"]),
+        Route("/api/ps", oll.ps, methods=["GET"]),
+        Route("/api/show", oll.show, methods=["POST"]),
+        Route("/api/chat", oll.chat, methods=["POST"]),
+        Route("/api/generate", oll.generate, methods=["POST"]),
     ]
-    middleware = [Middleware(HostCheck, allowed=allowed_hosts)] if allowed_hosts else []
+    middleware = []
+    if allowed_origins:  # outermost: preflights are answered before any other check
+        middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
+                                     allow_headers=["*"], expose_headers=["Retry-After"]))
+    middleware.append(Middleware(CountRequests, metrics=metrics, routes=routes))
+    if allowed_hosts:
+        middleware.append(Middleware(HostCheck, allowed=allowed_hosts))
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
         APIError: on_api_error, HTTPException: on_http_error, Exception: on_server_error})
     app.state.engine = engine
+    app.state.metrics = metrics
     return app

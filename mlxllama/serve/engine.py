@@ -22,6 +22,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
@@ -29,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..generate import StopMatcher
-from ..sample import make_sampler
+from ..sample import make_logits_processors, make_sampler
 from .batch import make_batch
 
 log = logging.getLogger("mlxllama.serve")
@@ -45,6 +46,12 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and k alternatives
     logit_bias: dict[int, float] | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 @dataclass
@@ -65,6 +72,9 @@ class Done:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    prompt_seconds: float = 0.0  # from the start of its prefill to its first token
+    decode_seconds: float = 0.0  # from its first token to its last
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -134,20 +144,27 @@ class Row:
     def __init__(self, job: Job, tokenizer, eos: set[int]):
         r = job.request
         self.job = job
-        self.sampler = make_sampler(r.temperature, r.top_p, 0, 0.0, r.seed) if r.temperature > 0 else None
-        self.bias = None
-        if r.logit_bias:
-            self.bias = (mx.array(list(r.logit_bias), dtype=mx.int32), mx.array(list(r.logit_bias.values())))
+        self.sampler = make_sampler(r.temperature, r.top_p, r.top_k, r.min_p, r.seed) if r.temperature > 0 else None
+        self.processors = make_logits_processors(r.logit_bias, r.repetition_penalty, r.repetition_context_size,
+                                                 r.presence_penalty, r.frequency_penalty, len(r.prompt))
+        # (L,) prompt and sampled tokens, for the processors; grows lazily as tokens are sampled
+        self.history = mx.array(r.prompt, dtype=mx.int32) if self.processors else None
         self.detok = tokenizer.detokenizer
         self.matcher = StopMatcher(r.stop)
         self.eos = eos
         self.n = 0
         self.done = False
+        self.started = self.first = 0.0  # perf_counter at prefill start and at the first token
+        self.stop_sequence: str | None = None
 
     @property
     def individual(self) -> bool:
         """Whether this row is sampled on its own (not by the batch-wide argmax)."""
-        return self.sampler is not None or self.bias is not None
+        return self.sampler is not None or bool(self.processors)
+
+    def stopped_by(self) -> None:
+        m = self.matcher
+        self.stop_sequence = next((s for s in m.stops if m.text.startswith(s, m.emitted)), None)
 
     def accept(self, token: int) -> tuple[str, str | None]:
         """One generated token -> (text to emit, finish reason or None); as stream_generate does."""
@@ -159,10 +176,13 @@ class Row:
         self.detok.add_token(token)
         text, stopped = self.matcher.feed(self.detok.last_segment)
         if stopped:
+            self.stopped_by()
             return text, "stop"
         if self.n >= self.job.request.max_tokens:
             self.detok.finalize()
             more, stopped = self.matcher.feed(self.detok.last_segment)
+            if stopped:
+                self.stopped_by()
             return text + more + ("" if stopped else self.matcher.flush()), "stop" if stopped else "length"
         return text, None
 
@@ -207,6 +227,16 @@ class Engine:
     @property
     def load(self) -> int:
         return self._in_system
+
+    @property
+    def queued(self) -> int:
+        """Requests admitted or submitted whose prompts are not read yet."""
+        return len(self._incoming) + len(self._waiting) + (len(self._group[1]) if self._group else 0)
+
+    @property
+    def active(self) -> int:
+        """Rows in the decoding batch."""
+        return len(self._rows)
 
     def submit(self, request: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:
         with self._cond:
@@ -307,6 +337,9 @@ class Engine:
                     break
                 rows.append(self._waiting.popleft())
                 longest = longer
+            now = time.perf_counter()
+            for r in rows:
+                r.started = now
             self._group = (self._batch.prefill([r.job.request.prompt for r in rows]), rows)
         if self._group is None:
             return
@@ -345,10 +378,16 @@ class Engine:
                 if not r.individual:
                     parts.append(tokens[i : i + 1])
                     continue
-                lp = logprobs[i : i + 1]
-                if r.bias is not None:
-                    lp = lp.at[:, r.bias[0]].add(r.bias[1].astype(lp.dtype))
-                parts.append((r.sampler(lp) if r.sampler else mx.argmax(lp, axis=-1)).astype(mx.int32))
+                lp = logprobs[i : i + 1]  # (1, V)
+                if r.processors:
+                    row = logits[i : i + 1]
+                    for p in r.processors:
+                        row = p(r.history, row)
+                    lp = row - mx.logsumexp(row, axis=-1, keepdims=True)
+                token = (r.sampler(lp) if r.sampler else mx.argmax(lp, axis=-1)).astype(mx.int32)  # (1,)
+                if r.processors:
+                    r.history = mx.concatenate([r.history, token])
+                parts.append(token)
             tokens = mx.concatenate(parts)
         return tokens, logprobs
 
@@ -360,6 +399,8 @@ class Engine:
             if row.done or row.job.cancelled.is_set():
                 continue
             text, reason = row.accept(token)
+            if row.n == 1:
+                row.first = time.perf_counter()
             lps = []
             k = row.job.request.logprobs
             if k is not None and token not in self.eos:
@@ -367,7 +408,8 @@ class Engine:
             if text or lps:
                 row.job._put(Delta(text, lps))
             if reason is not None:
-                row.job._put(Done(reason, len(row.job.request.prompt), row.n))
+                row.job._put(Done(reason, len(row.job.request.prompt), row.n, row.first - row.started,
+                                  time.perf_counter() - row.first, row.stop_sequence))
                 row.done = True
                 finished.append(row)
         if finished:

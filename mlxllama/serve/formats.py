@@ -9,9 +9,11 @@ from typing import Any
 from .engine import Done, TokenLogprob
 
 
-def usage(done: Done) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def usage(done: Done | list[Done]) -> dict[str, int]:
+    """Usage of a request: its prompt once, the tokens of all its choices."""
+    dones = done if isinstance(done, list) else [done]
+    prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 class Formatter:
@@ -22,7 +24,7 @@ class Formatter:
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         self.id = prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
-        self.text_offset = 0  # completions: where the next token starts in the generated text
+        self.text_offset: dict[int, int] = {}  # completions: where each choice's next token starts in its text
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         obj = ("chat.completion.chunk" if chunk else "chat.completion") if self.kind == "chat" else "text_completion"
@@ -35,7 +37,7 @@ class Formatter:
         data = self.tokenizer.token_bytes(token)
         return data.decode("utf-8", errors="replace"), list(data)
 
-    def logprobs(self, items: list[TokenLogprob]) -> dict[str, Any] | None:
+    def logprobs(self, items: list[TokenLogprob], index: int = 0) -> dict[str, Any] | None:
         if self.k is None:
             return None
         if self.kind == "chat":
@@ -49,8 +51,8 @@ class Formatter:
         for it in items:
             text = self._token(it.token)[0]
             tokens.append(text)
-            offsets.append(self.text_offset)
-            self.text_offset += len(text)
+            offsets.append(self.text_offset.get(index, 0))
+            self.text_offset[index] = offsets[-1] + len(text)
         return {
             "tokens": tokens,
             "token_logprobs": [it.logprob for it in items],
@@ -60,33 +62,37 @@ class Formatter:
 
     # -- whole responses -------------------------------------------------------------------------
 
-    def response(self, text: str, items: list[TokenLogprob], done: Done) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                      "logprobs": self.logprobs(items), "finish_reason": done.finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": self.logprobs(items), "finish_reason": done.finish_reason}
-        return {**self._head(False), "choices": [choice], "usage": usage(done)}
+    def response(self, choices: list[tuple[str, list[TokenLogprob], Done]]) -> dict[str, Any]:
+        """choices: (text, logprobs, Done) of every choice, in index order."""
+        out = []
+        for i, (text, items, done) in enumerate(choices):
+            if self.kind == "chat":
+                out.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
+                            "logprobs": self.logprobs(items, i), "finish_reason": done.finish_reason})
+            else:
+                out.append({"index": i, "text": text, "logprobs": self.logprobs(items, i),
+                            "finish_reason": done.finish_reason})
+        return {**self._head(False), "choices": out, "usage": usage([c[2] for c in choices])}
 
     # -- stream chunks ---------------------------------------------------------------------------
 
     def chunk(self, text: str | None, items: list[TokenLogprob], finish_reason: str | None = None,
-              role: bool = False, with_usage_field: bool = False) -> dict[str, Any]:
+              role: bool = False, with_usage_field: bool = False, index: int = 0) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": self.logprobs(items) if items else None,
+            choice = {"index": index, "delta": delta, "logprobs": self.logprobs(items, index) if items else None,
                       "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": self.logprobs(items) if items else None,
+            choice = {"index": index, "text": text or "", "logprobs": self.logprobs(items, index) if items else None,
                       "finish_reason": finish_reason}
         body = {**self._head(True), "choices": [choice]}
         if with_usage_field:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, done: Done) -> dict[str, Any]:
+    def usage_chunk(self, done: Done | list[Done]) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(done)}

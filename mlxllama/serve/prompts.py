@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from ..errors import MlxllamaError
 from ..generate import context_length
 from .engine import GenRequest
@@ -34,6 +36,11 @@ def gen_request(parsed: Parsed, tokenizer, model, default_max_tokens: int, defau
     tokens = prompt_tokens(parsed, tokenizer, vocab)
     limit = context_length(model)
     max_tokens = parsed.max_tokens if parsed.max_tokens is not None else default_max_tokens
+    if max_tokens == -1:  # llama.cpp's n_predict -1: until the end of sequence or of the context
+        max_tokens = limit - len(tokens) if limit else 1 << 30
+        if max_tokens <= 0:
+            max_tokens = 1  # refused below, with the context message
+        parsed = dataclasses.replace(parsed, max_tokens=None)
     if limit:
         room = limit - len(tokens)
         if room <= 0 or (parsed.max_tokens is not None and parsed.max_tokens > room):
@@ -46,6 +53,9 @@ def gen_request(parsed: Parsed, tokenizer, model, default_max_tokens: int, defau
         wrong = next((t for t in parsed.logit_bias if not 0 <= t < vocab), None)
         if wrong is not None:
             raise bad("logit_bias", f"token id {wrong} is outside the vocabulary (0 to {vocab - 1})")
+    bias = parsed.logit_bias
+    if parsed.ignore_eos:  # as llama.cpp does it: end-of-sequence tokens can never be sampled
+        bias = {**(bias or {}), **{t: -float("inf") for t in tokenizer.eos_token_ids}}
     return GenRequest(
         prompt=tokens,
         max_tokens=max_tokens,
@@ -54,5 +64,20 @@ def gen_request(parsed: Parsed, tokenizer, model, default_max_tokens: int, defau
         seed=parsed.seed,
         stop=parsed.stop,
         logprobs=parsed.logprobs,
-        logit_bias=parsed.logit_bias,
+        logit_bias=bias,
+        top_k=parsed.top_k,
+        min_p=parsed.min_p,
+        repetition_penalty=parsed.repetition_penalty,
+        repetition_context_size=parsed.repetition_context_size,
+        presence_penalty=parsed.presence_penalty,
+        frequency_penalty=parsed.frequency_penalty,
     )
+
+
+def choices(request: GenRequest, n: int) -> list[GenRequest]:
+    """n independent choices of one request; with a seed, choice i samples with seed + i, so each
+    choice is reproducible and choice 0 is what n=1 gives."""
+    if n == 1:
+        return [request]
+    return [dataclasses.replace(request, seed=None if request.seed is None else (request.seed + i) % (1 << 64))
+            for i in range(n)]

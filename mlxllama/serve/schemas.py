@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
+from .fields import GRAMMAR_FIELDS, refused_field
+
+MAX_N = 8  # choices per request (each one a row of the batch)
 MAX_STOP = 4  # the API's limit on stop sequences
 MAX_STOP_CHARS = 256  # matching costs grow with the square of a stop sequence's length
 MAX_TOP_LOGPROBS_CHAT = 20
@@ -50,6 +53,43 @@ class Parsed:
     include_usage: bool = False
     logprobs: int | None = None  # None: off; k: the chosen token plus k alternatives
     logit_bias: dict[int, float] | None = None
+    n: int = 1  # choices, decoded as rows of one batch
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    ignore_eos: bool = False
+    model: str | None = None  # the name the request used, echoed in the response
+
+
+class ModelNames:
+    """The names the served model answers to: the first is its id, then aliases; accept_any: every
+    name is taken as the served model (for tools that hard-code one)."""
+
+    def __init__(self, names: Iterable[str], accept_any: bool = False):
+        self.names = list(dict.fromkeys(names))
+        if not self.names:
+            raise ValueError("the served model needs a name")
+        self.accept_any = accept_any
+
+    @property
+    def primary(self) -> str:
+        return self.names[0]
+
+    def __contains__(self, name: object) -> bool:
+        return self.accept_any or name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __str__(self) -> str:
+        return ", ".join(f"'{n}'" for n in self.names)
+
+
+def model_names(served: "str | ModelNames") -> ModelNames:
+    return served if isinstance(served, ModelNames) else ModelNames([served])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,27 +169,31 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
     return out
 
 
-def _model(body: dict, served: str) -> None:
+def _model(body: dict, served: "str | ModelNames") -> str | None:
     v = body.get("model")
     if v is None:
-        return
+        return None
     if not isinstance(v, str):
         raise bad("model", "'model' must be a string", "invalid_type")
-    if v != served:
+    names = model_names(served)
+    if v not in names:
         # Never a path or another name: the server runs only the model it was started with.
-        raise APIError(404, f"The model '{v[:200]}' does not exist; this server serves '{served}'",
+        raise APIError(404, f"The model '{v[:200]}' does not exist; this server serves {names}",
                        param="model", code="model_not_found")
+    return v if v in names.names else names.primary
 
 
 def _unsupported(body: dict) -> None:
     """Fields this server does not implement, when set to anything but their neutral value."""
-    if _int(body, "n", 1, None) not in (None, 1):
-        raise bad("n", "only n=1 is supported")
     if _int(body, "best_of", 1, None) not in (None, 1):
         raise bad("best_of", "only best_of=1 is supported")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, 0.0, -2.0, 2.0) != 0.0:
-            raise bad(name, f"'{name}' is not supported by this server (use 0)", "unsupported_parameter")
+    for name in GRAMMAR_FIELDS:
+        if body.get(name) is not None:
+            raise bad(name, f"'{name}' (constrained decoding) is not supported by this server", "unsupported_parameter")
+    name = refused_field(body)
+    if name is not None:
+        raise bad(name, f"'{name}' is not supported by this server; leave it out or at its neutral value",
+                  "unsupported_parameter")
     if body.get("tools"):
         raise bad("tools", "tool calling is not supported by this server", "unsupported_parameter")
     if body.get("functions"):
@@ -163,10 +207,48 @@ def _unsupported(body: dict) -> None:
         raise bad("suffix", "suffix is not supported by this server", "unsupported_parameter")
 
 
-def _common(body: Any, served: str, kind: str) -> Parsed:
+def _penalties(body: dict) -> dict[str, Any]:
+    """top_k, min_p and the penalties, under OpenAI's, vLLM's and llama.cpp's names."""
+    top_k = _int(body, "top_k", -1, None)  # llama.cpp and vLLM: <= 0 (or -1) is off
+    repetition = _number(body, "repetition_penalty", None, 0.0, 10.0, lo_open=True)
+    if repetition is None:
+        repetition = _number(body, "repeat_penalty", None, 0.0, 10.0, lo_open=True)
+    context = _int(body, "repetition_context_size", 1, None)
+    if context is None:
+        last_n = _int(body, "repeat_last_n", -1, None)  # llama.cpp: 0 turns the penalty off, -1 the whole context
+        if last_n == 0:
+            repetition = None
+        context = (1 << 30) if last_n == -1 else last_n
+    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
+    if min_p >= 1.0:
+        raise bad("min_p", f"'min_p' must be >= 0 and < 1, got {min_p}")
+    return dict(
+        top_k=max(top_k or 0, 0),
+        min_p=min_p,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=repetition,
+        repetition_context_size=context or 20,
+        ignore_eos=_bool(body, "ignore_eos"),
+    )
+
+
+def _max_tokens(body: dict, *names: str) -> int | None:
+    """The first of `names` that is set; llama.cpp's n_predict after them (-1: up to the context)."""
+    for name in names:
+        v = _int(body, name, 1)
+        if v is not None:
+            return v
+    n_predict = _int(body, "n_predict", -1)
+    if n_predict == 0:
+        raise bad("n_predict", "'n_predict' must be -1 (up to the context) or >= 1, got 0")
+    return n_predict
+
+
+def _common(body: Any, served: "str | ModelNames", kind: str) -> Parsed:
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object", "invalid_json")
-    _model(body, served)
+    model = _model(body, served)
     _unsupported(body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -193,6 +275,9 @@ def _common(body: Any, served: str, kind: str) -> Parsed:
         stream=stream,
         include_usage=include_usage,
         logit_bias=_logit_bias(body),
+        n=_int(body, "n", 1, MAX_N) or 1,
+        model=model,
+        **_penalties(body),
     )
 
 
@@ -224,14 +309,13 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     return {"role": "system" if role == "developer" else role, "content": content}
 
 
-def parse_chat(body: Any, served: str) -> Parsed:
+def parse_chat(body: Any, served: "str | ModelNames") -> Parsed:
     parsed = _common(body, served, "chat")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list", "invalid_type" if messages else "missing")
     parsed.messages = [_message(m, i) for i, m in enumerate(messages)]
-    limit = _int(body, "max_completion_tokens", 1)
-    parsed.max_tokens = limit if limit is not None else _int(body, "max_tokens", 1)
+    parsed.max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
     if _bool(body, "logprobs"):
         parsed.logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT) or 0
     elif body.get("top_logprobs") is not None:
@@ -240,7 +324,7 @@ def parse_chat(body: Any, served: str) -> Parsed:
     return parsed
 
 
-def parse_completion(body: Any, served: str) -> Parsed:
+def parse_completion(body: Any, served: "str | ModelNames") -> Parsed:
     parsed = _common(body, served, "completion")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
@@ -253,6 +337,10 @@ def parse_completion(body: Any, served: str) -> Parsed:
         raise bad("prompt", "'prompt' is required: a string or a list of token ids",
                   "missing" if prompt is None else "invalid_type")
     parsed.prompt = prompt
-    parsed.max_tokens = _int(body, "max_tokens", 1)
+    parsed.max_tokens = _max_tokens(body, "max_tokens")
     parsed.logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS_COMPLETION)
     return parsed
+
+
+# The checkers, for the other dialects' parsers (anthropic.py, responses.py, ollama.py).
+int_field, number_field, bool_field, stop_field, penalty_fields = _int, _number, _bool, _stop, _penalties
