@@ -74,3 +74,16 @@ def test_repetition_penalty_and_logit_bias():
 def test_out_of_range_values_are_rejected(kwargs):
     with pytest.raises(InputError):
         make_sampler(**kwargs)
+
+
+def test_presence_and_frequency_penalties_follow_openai():
+    """logit[j] -= frequency * c[j] + presence * (c[j] > 0), c counting generated tokens only."""
+    from mlxllama.sample import make_logits_processors
+
+    logits = mx.array([[1.0, 1.0, 1.0, 1.0]])
+    history = mx.array([3, 3, 0, 1, 1, 1])  # the prompt is [3, 3]; generated: 0 once, 1 three times
+    (p,) = make_logits_processors(presence_penalty=0.5, frequency_penalty=0.25, prompt_tokens=2)
+    np.testing.assert_allclose(np.array(p(history, logits)), [[1 - 0.25 - 0.5, 1 - 0.75 - 0.5, 1.0, 1.0]])
+    assert make_logits_processors(presence_penalty=0.0, frequency_penalty=0.0) == []
+    with pytest.raises(InputError):
+        make_logits_processors(presence_penalty=2.5)
