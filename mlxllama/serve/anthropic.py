@@ -22,7 +22,6 @@ ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
                429: "rate_limit_error", 500: "api_error", 503: "overloaded_error"}
 MAX_STOP_SEQUENCES = 16
-IGNORED = ("metadata", "thinking", "service_tier", "container", "mcp_servers", "context_management")
 
 
 def error_body(e: APIError) -> dict[str, Any]:
@@ -76,6 +75,10 @@ def parse(body: Any, served) -> Parsed:
         raise APIError(404, f"model: {str(model)[:200]} (this server serves {names})", param="model")
     if body.get("tools"):
         raise bad("tools", "tool use is not supported by this server", "unsupported_parameter")
+    output = body.get("output_config")
+    if output is not None and (not isinstance(output, dict) or output.get("format") is not None):
+        raise bad("output_config", "'output_config.format' (structured output) is not supported by this server",
+                  "unsupported_parameter")
     stops = body.get("stop_sequences")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) for s in stops)):
         raise bad("stop_sequences", "'stop_sequences' must be a list of strings", "invalid_type")

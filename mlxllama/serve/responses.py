@@ -21,8 +21,6 @@ from .engine import Delta, Done
 from .schemas import APIError, Parsed, bad, parse_chat
 
 TEXT_PARTS = ("input_text", "output_text", "text")
-IGNORED = ("store", "metadata", "user", "truncation", "include", "parallel_tool_calls", "reasoning",
-           "service_tier", "background", "prompt_cache_key", "safety_identifier")
 
 
 def _content(content: Any, where: str) -> str:
