@@ -16,7 +16,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import Delta, Done
 from .prompts import prompt_tokens
-from .schemas import APIError, Parsed, bad, model_names, number_field, int_field, bool_field
+from .schemas import APIError, Parsed, bad, bool_field, int_field, model_names, number_field, text_content
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
@@ -28,30 +28,11 @@ def error_body(e: APIError) -> dict[str, Any]:
     return {"type": "error", "error": {"type": ERROR_TYPES.get(e.status, "api_error"), "message": e.message}}
 
 
-def _text(content: Any, where: str) -> str:
-    """A string, or a list of text blocks, as one string."""
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad(where, f"'{where}' must be a string or a list of content blocks", "invalid_type")
-    parts = []
-    for j, block in enumerate(content):
-        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
-            raise bad(f"{where}[{j}]", f"'{where}[{j}]' must be a content block with a 'type'", "invalid_type")
-        if block["type"] != "text":
-            raise bad(f"{where}[{j}]", f"content blocks of type '{block['type'][:40]}' are not supported "
-                      "(only 'text')", "unsupported_parameter")
-        if not isinstance(block.get("text"), str):
-            raise bad(f"{where}[{j}].text", f"'{where}[{j}].text' must be a string", "invalid_type")
-        parts.append(block["text"])
-    return "".join(parts)
-
-
 def messages(body: dict) -> list[dict[str, str]]:
     """system + messages -> chat-template messages."""
     out = []
     if body.get("system") is not None:
-        out.append({"role": "system", "content": _text(body["system"], "system")})
+        out.append({"role": "system", "content": text_content(body["system"], "system")})
     items = body.get("messages")
     if not isinstance(items, list) or not items:
         raise bad("messages", "'messages' must be a non-empty list", "missing" if items is None else "invalid_type")
@@ -62,7 +43,7 @@ def messages(body: dict) -> list[dict[str, str]]:
             raise bad(f"messages.{i}.role", f"'messages.{i}.role' must be 'user' or 'assistant', got {m.get('role')!r}")
         if "content" not in m:
             raise bad(f"messages.{i}.content", f"'messages.{i}.content' is required", "missing")
-        out.append({"role": m["role"], "content": _text(m["content"], f"messages.{i}.content")})
+        out.append({"role": m["role"], "content": text_content(m["content"], f"messages.{i}.content")})
     return out
 
 

@@ -7,7 +7,6 @@ Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging

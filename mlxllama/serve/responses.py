@@ -18,24 +18,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from .engine import Delta, Done
-from .schemas import APIError, Parsed, bad, parse_chat
+from .schemas import APIError, Parsed, bad, parse_chat, text_content
 
 TEXT_PARTS = ("input_text", "output_text", "text")
-
-
-def _content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise bad(where, f"'{where}' must be a string or a list of content parts", "invalid_type")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in TEXT_PARTS or not isinstance(part.get("text"), str):
-            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-            raise bad(f"{where}[{j}]", f"only text content parts are supported, got {str(kind)[:40]!r}",
-                      "unsupported_parameter")
-        texts.append(part["text"])
-    return "".join(texts)
 
 
 def messages(body: dict) -> list[dict[str, str]]:
@@ -60,7 +45,7 @@ def messages(body: dict) -> list[dict[str, str]]:
                       "(only messages)", "unsupported_parameter")
         if "content" not in item:
             raise bad(f"{where}.content", f"'{where}.content' is required", "missing")
-        out.append({"role": item.get("role"), "content": _content(item["content"], f"{where}.content")})
+        out.append({"role": item.get("role"), "content": text_content(item["content"], f"{where}.content", TEXT_PARTS)})
     return out
 
 

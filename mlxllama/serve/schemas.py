@@ -344,3 +344,21 @@ def parse_completion(body: Any, served: "str | ModelNames") -> Parsed:
 
 # The checkers, for the other dialects' parsers (anthropic.py, responses.py, ollama.py).
 int_field, number_field, bool_field, stop_field, penalty_fields = _int, _number, _bool, _stop, _penalties
+
+
+def text_content(content: Any, where: str, types: tuple[str, ...] = ("text",)) -> str:
+    """A string, or a list of {"type": one of `types`, "text": ...} parts, as one string."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad(where, f"'{where}' must be a string or a list of content parts", "invalid_type")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+        if kind not in types:
+            raise bad(f"{where}[{j}]", f"content parts of type {str(kind)[:40]!r} are not supported "
+                      f"(only {', '.join(types)})", "unsupported_parameter")
+        if not isinstance(part.get("text"), str):
+            raise bad(f"{where}[{j}].text", f"'{where}[{j}].text' must be a string", "invalid_type")
+        texts.append(part["text"])
+    return "".join(texts)
