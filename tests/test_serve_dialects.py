@@ -249,3 +249,29 @@ def test_real_model_in_every_dialect_answers_greedily_by_default(default_model_d
         assert o.chat(model="smol", messages=question, options={"num_predict": 12}).message.content == answer
         r = openai.OpenAI(base_url=live.url + "/v1", api_key="x", max_retries=0, timeout=120)
         assert r.responses.create(model="smol", input=question[0]["content"], max_output_tokens=12).output_text == answer
+
+
+def test_cli_ollama_flag_listens_on_11434_too(tiny_dir):
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 11434)) == 0:
+            pytest.skip("port 11434 is taken on this machine")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlxllama", "serve", "--model", str(tiny_dir), "--port", str(port),
+                             "--ollama", "--log-level", "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not come up"
+            try:
+                if httpx.get("http://127.0.0.1:11434/api/version").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        names = [m.model for m in ollama.Client(host="http://127.0.0.1:11434").list().models]
+        assert names == ["tiny:latest"]
+        assert httpx.get(f"http://127.0.0.1:{port}/api/tags").json()["models"][0]["model"] == "tiny:latest"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -1,8 +1,11 @@
-"""The HTTP side: a Starlette app with the OpenAI routes, the API key check and body limits.
+"""The HTTP side: a Starlette app with the routes of every dialect, the API key check and body limits.
 
-Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id}
-(each also without /v1), GET /health. Every error is answered with the OpenAI body
-{"error": {"message", "type", "param", "code"}}; no request can stop the server.
+OpenAI routes here: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+GET /v1/models/{id} (each also without /v1); GET /health. The other dialects (responses.py,
+anthropic.py, ollama.py) and /metrics (metrics.py) translate to the same checked request and run
+through `Handlers.start`. Every error is answered in the shape of the dialect of its route (OpenAI's
+{"error": {"message", "type", "param", "code"}} unless Anthropic's or Ollama's); no request can
+stop the server.
 """
 
 from __future__ import annotations

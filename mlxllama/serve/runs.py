@@ -35,6 +35,10 @@ class Run:
     @classmethod
     def submit(cls, engine: Engine, requests: list[GenRequest], request: Request | None = None, on_done=None) -> "Run":
         """All choices or none: a 429 when the engine cannot take them all."""
+        capacity = engine.max_batch + engine.max_queue
+        if len(requests) > capacity:
+            raise APIError(400, f"n={len(requests)} is more choices than this server runs at once ({capacity})",
+                           param="n", code="invalid_value")
         loop = asyncio.get_running_loop()
         jobs: list[Job] = []
         try:
