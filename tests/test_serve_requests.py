@@ -127,3 +127,33 @@ def test_accept_any_model(tiny_dir):
         r = c.chat.completions.create(model="claude-or-whatever", messages=MESSAGES, max_tokens=2)
         assert r.model == MODEL_ID and r.usage.completion_tokens >= 1
         assert [m.id for m in c.models.list().data] == [MODEL_ID]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_rows_with_processors_match_the_library(tiny, overlap):
+    """Rows with penalties beside plain rows, with the next step queued before tokens are handed
+    out (the GPU order) or not: each row gets what the library gives it alone."""
+    import asyncio
+
+    from mlxllama.serve.engine import Delta, Engine, GenRequest
+
+    model, tokenizer = tiny
+    prompt = tokenizer.encode("ab ab ab ab ab ab")
+    settings = [dict(), dict(presence_penalty=1.5), dict(frequency_penalty=2.0, repetition_penalty=1.3),
+                dict(repetition_penalty=1.8, repetition_context_size=3)]
+    expected = [alone(tiny, prompt, 12, **s) for s in settings]
+    engine = Engine(model, tokenizer, max_batch=4, max_queue=4)
+    engine.overlap = overlap
+    engine.start()
+
+    async def ask(s):
+        job = engine.submit(GenRequest(prompt, 12, **s), asyncio.get_running_loop())
+        return "".join([e.text async for e in job.events() if isinstance(e, Delta)])
+
+    async def main():
+        return await asyncio.wait_for(asyncio.gather(*(ask(s) for s in settings)), 60)
+
+    try:
+        assert asyncio.run(main()) == expected
+    finally:
+        engine.stop()
