@@ -47,7 +47,7 @@ def describe_quantization(config: dict) -> str:
 @click.command("models")
 def models_command():
     """List the models in the mlxllama cache with their size and quantization."""
-    from ..hub import cache_home
+    from ..paths import cache_home
 
     root = cache_home() / "models"
     rows = []
