@@ -154,3 +154,30 @@ def test_a_hung_rank_is_caught_by_the_watchdog(tmp_path, long_model):
             p.send_signal(signal.SIGCONT)
             p.kill()
             p.wait()
+
+
+def test_data_parallel_lora_equals_one_process_with_the_whole_batch(tmp_path):
+    import mlx.core as mx
+    import numpy as np
+
+    from test_lora import chat_rows, write_jsonl
+
+    model = write_model(tmp_path / "model", "gqa_tied", quantize={"group_size": 32, "bits": 4})
+    data = tmp_path / "data"
+    data.mkdir()
+    write_jsonl(data / "train.jsonl", chat_rows(16))
+    write_jsonl(data / "valid.jsonl", chat_rows(4, seed=1))
+    args = ["--model", str(model), "--data", str(data), "--iters", "4", "--batch-size", "4", "--rank", "4",
+            "--num-layers", "-1", "--learning-rate", "1e-3", "--steps-per-eval", "100", "--save-every", "100"]
+    one = subprocess.run([sys.executable, "-m", "mlxllama", "lora", *args, "--adapter-path", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlxllama", "lora",
+                          *args, "--adapter-path", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
+    assert "error" not in two.stderr.lower(), two.stderr
+    a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
+    b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert np.allclose(np.array(a[k]), np.array(b[k]), atol=1e-4), k
+    assert not np.allclose(np.array(a["model.layers.0.self_attn.q_proj.lora_b"]), 0)  # it trained
