@@ -67,7 +67,8 @@ def sampling_kwargs(o: dict) -> dict:
     return dict(
         max_tokens=o["max_tokens"], temp=o["temp"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
         repetition_penalty=o["repetition_penalty"], repetition_context_size=o["repetition_context_size"],
-        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"], seed=o["seed"], stop=list(o["stop"]) or None,
+        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"], seed=o["seed"],
+        stop=list(o["stop"]) or None,
         max_kv_size=o["max_kv_size"], prompt_lookup=o["prompt_lookup"],
     )
 
