@@ -275,3 +275,33 @@ def test_cli_ollama_flag_listens_on_11434_too(tiny_dir):
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+def test_anthropic_tool_use_and_tool_result(claude):
+    import importlib.util
+
+    if importlib.util.find_spec("mlxllama.tools") is None:  # no tool calling in this build: refused, never ignored
+        with pytest.raises(anthropic.BadRequestError):
+            claude.messages.create(model=MODEL_ID, max_tokens=40, messages=QUESTION, tools=[WEATHER])
+        return
+    r = claude.messages.create(model=MODEL_ID, max_tokens=60, messages=QUESTION, tools=[WEATHER],
+                               tool_choice={"type": "any"})  # must call: the call follows the schema
+    assert r.stop_reason == "tool_use"
+    (use,) = [b for b in r.content if b.type == "tool_use"]
+    assert use.name == "get_weather" and isinstance(use.input["city"], str)
+    follow = [*QUESTION, {"role": "assistant", "content": r.content},
+              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "sunny"}]}]
+    after = claude.messages.create(model=MODEL_ID, max_tokens=5, messages=follow, tools=[WEATHER],
+                                   tool_choice={"type": "none"})
+    assert after.content[0].type == "text" and after.stop_reason in ("end_turn", "max_tokens")
+    with claude.messages.stream(model=MODEL_ID, max_tokens=60, messages=QUESTION, tools=[WEATHER],
+                                tool_choice={"type": "tool", "name": "get_weather"}) as stream:
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use" and final.content[-1].type == "tool_use"
+    assert final.content[-1].input == use.input or isinstance(final.content[-1].input["city"], str)
+    n = claude.messages.count_tokens(model=MODEL_ID, messages=QUESTION, tools=[WEATHER]).input_tokens
+    assert n > claude.messages.count_tokens(model=MODEL_ID, messages=QUESTION).input_tokens  # the tools are in the prompt
