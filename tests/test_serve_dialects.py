@@ -85,8 +85,8 @@ def test_anthropic_errors(server, claude):
     for body, param in [({"messages": QUESTION}, "max_tokens"), ({"max_tokens": 4, "messages": "hi"}, "messages"),
                         ({"max_tokens": 4, "messages": [{"role": "user", "content": [{"type": "image"}]}]}, None),
                         ({"max_tokens": 4, "messages": QUESTION, "temperature": 3}, "temperature"),
-                        ({"max_tokens": 4, "messages": QUESTION,
-                          "output_config": {"format": {"type": "json_schema", "schema": {}}}}, "output_config")]:
+                        ({"max_tokens": 4, "messages": QUESTION, "output_config": {"format": {"type": "xml"}}},
+                         "output_config")]:
         r = httpx.post(server.url + "/v1/messages", json=body, headers=headers)
         assert r.status_code == 400, r.text
         assert r.json()["type"] == "error" and r.json()["error"]["type"] == "invalid_request_error"
@@ -305,3 +305,29 @@ def test_anthropic_tool_use_and_tool_result(claude):
     assert final.content[-1].input == use.input or isinstance(final.content[-1].input["city"], str)
     n = claude.messages.count_tokens(model=MODEL_ID, messages=QUESTION, tools=[WEATHER]).input_tokens
     assert n > claude.messages.count_tokens(model=MODEL_ID, messages=QUESTION).input_tokens  # the tools are in the prompt
+
+
+def test_structured_output_in_every_dialect(server, claude, client, olla):
+    """A JSON schema through each dialect's own field: enforced where structured output is built in,
+    else refused with that dialect's error, never ignored."""
+    import importlib.util
+
+    schema = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"],
+              "additionalProperties": False}
+    asks = [
+        lambda: client.responses.create(model=MODEL_ID, input="a number", max_output_tokens=30,
+                                        text={"format": {"type": "json_schema", "name": "n", "schema": schema}}
+                                        ).output_text,
+        lambda: olla.chat(model=MODEL_ID, messages=QUESTION, format=schema, options={"num_predict": 30}).message.content,
+        lambda: claude.messages.create(model=MODEL_ID, max_tokens=30, messages=QUESTION, extra_body={
+            "output_config": {"format": {"type": "json_schema", "schema": schema}}}).content[0].text,
+    ]
+    errors = (openai.BadRequestError, ollama.ResponseError, anthropic.BadRequestError)
+    for ask, error in zip(asks, errors):
+        if importlib.util.find_spec("mlxllama.constrain") is None:
+            with pytest.raises(error):
+                ask()
+        else:
+            import json
+
+            assert isinstance(json.loads(ask())["answer"], int)

@@ -109,9 +109,10 @@ def chat_body(body: Any) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object", "invalid_json")
     output = body.get("output_config")
-    if output is not None and (not isinstance(output, dict) or output.get("format") is not None):
-        raise bad("output_config", "'output_config.format' (structured output) is not supported by this server",
-                  "unsupported_parameter")
+    fmt = output.get("format") if isinstance(output, dict) else None
+    if output is not None and (not isinstance(output, dict) or not (fmt is None or isinstance(fmt, dict)
+                                                                   and fmt.get("type") == "json_schema")):
+        raise bad("output_config", "'output_config.format' must be {\"type\": \"json_schema\", \"schema\": ...}")
     messages = []
     if body.get("system") is not None:
         messages.append({"role": "system", "content": text_content(body["system"], "system")})
@@ -121,6 +122,8 @@ def chat_body(body: Any) -> dict[str, Any]:
     for i, m in enumerate(items):
         messages.extend(_turn(m, i))
     chat = {"messages": messages, "stream": bool_field(body, "stream"), **_tools(body)}
+    if fmt is not None:
+        chat["response_format"] = {"type": "json_schema", "json_schema": {"name": "output", "schema": fmt.get("schema")}}
     temperature = number_field(body, "temperature", None, 0.0, 1.0)  # Anthropic's range
     if temperature is not None:
         chat["temperature"] = temperature
@@ -144,7 +147,11 @@ def parse(body: Any, served) -> Parsed:
     max_tokens = int_field(body, "max_tokens", 1)
     if max_tokens is None:
         raise bad("max_tokens", "'max_tokens' is required", "missing")
-    parsed = parse_chat({**chat, "max_tokens": max_tokens, **({"model": model} if model else {})}, names)
+    try:
+        parsed = parse_chat({**chat, "max_tokens": max_tokens, **({"model": model} if model else {})}, names)
+    except APIError as e:  # name the field as this API calls it
+        e.param = {"response_format": "output_config", "stop": "stop_sequences"}.get(e.param, e.param)
+        raise
     parsed.stop = [s for s in stops or [] if s]
     parsed.model = parsed.model or names.primary
     return parsed

@@ -56,8 +56,13 @@ def _options(body: dict) -> dict[str, Any]:
     for name in ("images", "tools", "suffix", "template", "context"):
         if body.get(name):
             raise bad(name, f"'{name}' is not supported by this server", "unsupported_parameter")
-    if body.get("format"):
-        raise bad("format", "'format' (structured output) is not supported by this server", "unsupported_parameter")
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}
+    elif fmt not in (None, ""):
+        raise bad("format", "'format' must be \"json\" or a JSON schema", "invalid_value")
     if body.get("think") not in (None, False):
         raise bad("think", "this model does not support thinking", "unsupported_parameter")
     out["stream"] = body.get("stream", True)  # Ollama streams unless told not to

@@ -49,6 +49,20 @@ def messages(body: dict) -> list[dict[str, str]]:
     return out
 
 
+def response_format(text: Any) -> dict[str, Any] | None:
+    """`text.format` -> the chat request's response_format (None: plain text)."""
+    if text is None:
+        return None
+    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict) or (fmt is not None and not isinstance(fmt, dict)):
+        raise bad("text.format", "'text.format' must be an object with a 'type'", "invalid_type")
+    if fmt is None or fmt.get("type") == "text":
+        return None
+    if fmt.get("type") == "json_schema":
+        return {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}
+    return {"type": fmt.get("type")}  # json_object, or a type the chat parser refuses
+
+
 def parse(body: Any, served) -> Parsed:
     if not isinstance(body, dict):
         raise bad(None, "the request body must be a JSON object", "invalid_json")
@@ -60,18 +74,16 @@ def parse(body: Any, served) -> Parsed:
                   "unsupported_parameter")
     if body.get("tools"):
         raise bad("tools", "tools are not supported by this server", "unsupported_parameter")
-    text = body.get("text")
-    if text is not None:
-        fmt = text.get("format") if isinstance(text, dict) else None
-        if not isinstance(text, dict) or (fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text")):
-            raise bad("text.format", "only text.format {\"type\": \"text\"} is supported", "unsupported_parameter")
     chat = {k: body[k] for k in ("model", "temperature", "top_p", "stream") if k in body}
+    fmt = response_format(body.get("text"))
+    if fmt is not None:
+        chat["response_format"] = fmt
     if body.get("max_output_tokens") is not None:
         chat["max_tokens"] = body["max_output_tokens"]
     try:
         return parse_chat({**chat, "messages": messages(body)}, served)
     except APIError as e:  # name the field as this API calls it
-        e.param = {"max_tokens": "max_output_tokens"}.get(e.param, e.param)
+        e.param = {"max_tokens": "max_output_tokens", "response_format": "text.format"}.get(e.param, e.param)
         raise
 
 
@@ -98,7 +110,7 @@ class Responses:
             "model": parsed.model or self.h.settings.model_id, "output": output, "parallel_tool_calls": False,
             "previous_response_id": None, "reasoning": {"effort": None, "summary": None}, "store": False,
             "temperature": parsed.temperature if parsed.temperature is not None else self.h.settings.default_temperature,
-            "text": {"format": {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": parsed.top_p,
+            "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}}, "tool_choice": "none", "tools": [], "top_p": parsed.top_p,
             "truncation": "disabled", "usage": usage, "metadata": body.get("metadata") or {},
         }
 
