@@ -234,8 +234,9 @@ class Messages:
                 text_open = True
                 yield sse("content_block_start", {"type": "content_block_start", "index": index,
                                                   "content_block": {"type": "text", "text": ""}})
-            yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
-                                              "delta": {"type": "text_delta", "text": t}})
+            if t:
+                yield sse("content_block_delta", {"type": "content_block_delta", "index": index,
+                                                  "delta": {"type": "text_delta", "text": t}})
 
         try:
             yield sse("message_start", {"type": "message_start", "message": {
