@@ -15,12 +15,17 @@ HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl
 @model_options
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
-def chat_command(model, adapter_path, dtype, system_prompt, **opts):
-    """Chat with a model in the terminal."""
+@click.option("--web", is_flag=True, help="Chat in the browser instead: serve the model and open its chat page.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port of the chat page's server (with --web).")
+def chat_command(model, adapter_path, dtype, system_prompt, web, port, **opts):
+    """Chat with a model in the terminal (or in the browser with --web)."""
     from ..chat import ChatSession
     from ..loader import load
 
     kwargs = sampling_kwargs(opts)
+    if web:
+        return web_chat(model, adapter_path, dtype, port, system_prompt, opts)
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     session = ChatSession(llm, tokenizer, system_prompt=system_prompt,
                           draft_model=load_draft(opts["draft_model"]), **kwargs)
@@ -54,3 +59,25 @@ def chat_command(model, adapter_path, dtype, system_prompt, **opts):
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
+
+
+# options the page sets per conversation (or the server has no equivalent for)
+TERMINAL_ONLY = {"system_prompt": "--system-prompt", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+                 "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
+                 "draft_model": "--draft-model", "prompt_lookup": "--prompt-lookup", "max_kv_size": "--max-kv-size"}
+DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "prompt_lookup": 0, "stop": ()}
+
+
+def web_chat(model, adapter_path, dtype, port, system_prompt, opts) -> None:
+    """Serves the model on loopback and opens the chat page; --max-tokens and --temp become the
+    server's defaults."""
+    from ..errors import InputError
+    from ..serve import serve
+
+    given = {"system_prompt": system_prompt, **opts}
+    unused = [flag for name, flag in TERMINAL_ONLY.items() if given.get(name) not in (None, DEFAULTS.get(name))]
+    if unused:
+        raise InputError(f"{', '.join(unused)} cannot be used with --web: set the system prompt and sampling "
+                         "in the page's conversation settings")
+    serve(model, adapter_path=adapter_path, dtype=dtype, port=port, max_tokens=max(1, opts["max_tokens"]),
+          temperature=opts["temp"], open_browser=True)
