@@ -46,7 +46,7 @@ function renderList() {
     if (c.id === state.current) open.setAttribute("aria-current", "true");
     li.append(open,
       button("✎", "icon", `Rename ${name}`, () => rename(li, c)),
-      button("🗑", "icon", `Delete ${name}`, () => remove(c)));
+      button("✕", "icon", `Delete ${name}`, () => remove(c)));
     list.append(li);
   }
   if (!shown.length) {

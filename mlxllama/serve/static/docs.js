@@ -220,11 +220,11 @@ function resultNode(r) {
   const meta = el("p", "qa-meta");
   if (r.evidence) {
     meta.append(button(`Evidence: ${r.evidence.source}, characters ${r.evidence.start}–${r.evidence.end}`, "link evidence-link",
-      "Show the evidence in the document", () => focusResult(r)));
-  } else if (!r.no_answer) meta.append(el("span", "", "No evidence passage found"));
+      "Show the evidence in the document", () => focusResult(r)), " · ");
+  } else if (!r.no_answer) meta.append("No evidence passage found · ");
   const usage = r.usage || {};
-  meta.append(el("span", "", ` · score ${Number(r.score || 0).toFixed(2)}${r.extractive ? " · extractive" : ""}` +
-    ` · ${usage.prompt_tokens ?? 0} prompt tokens, ${usage.completion_tokens ?? 0} generated · ${Number(r.seconds || 0).toFixed(2)} s`));
+  meta.append(`score ${Number(r.score || 0).toFixed(2)}${r.extractive ? " · extractive" : ""}` +
+    ` · ${usage.prompt_tokens ?? 0} prompt tokens, ${usage.completion_tokens ?? 0} generated · ${Number(r.seconds || 0).toFixed(2)} s`);
   card.append(meta);
   if (r.chunks && r.chunks.length) {
     const details = el("details", "chunks");
