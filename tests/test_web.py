@@ -144,6 +144,25 @@ def test_page_loads_without_console_errors(web, server):
     assert web.errors == []
 
 
+@needs_browser
+def test_dark_scheme_and_server_errors_are_shown(browser, server):
+    backgrounds = {}
+    for scheme in ("light", "dark"):
+        context = browser.new_context(color_scheme=scheme)
+        page = context.new_page()
+        page.goto(server.url)
+        wait_model(page)
+        backgrounds[scheme] = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        if scheme == "dark":
+            settings(page, **{"max-tokens": 10**7})  # more than the model's window: the server says 400
+            send(page, "hello")
+            wait_idle(page)
+            error = page.locator(".msg.assistant .error").inner_text()
+            assert "maximum context length" in error and "\n" not in error, error  # the API's own message
+        context.close()
+    assert backgrounds["light"] != backgrounds["dark"]
+
+
 # -- chatting -----------------------------------------------------------------------------------
 
 RECORD_LENGTHS = """() => {
