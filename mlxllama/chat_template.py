@@ -114,6 +114,10 @@ def _environment() -> Any:
 
         intercepted_binops = frozenset({"*", "**"})
 
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            """Refused at once (transformers' sandbox renders an empty value and goes on)."""
+            raise SecurityError(f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
