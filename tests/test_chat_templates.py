@@ -354,3 +354,48 @@ def test_hostile_template_refused_from_the_cli_and_server(folder, tmp_path):
     with pytest.raises(MlxllamaError) as e:
         tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=HOSTILE[0])
     assert "unsafe" in str(e.value) and "\n" not in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals as the CLI and the server give them
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gemma_model(tmp_path_factory):
+    """A tiny model whose template is Gemma 2's, which refuses a system message."""
+    from tinymodels import write_model
+
+    path = write_model(tmp_path_factory.mktemp("gemma") / "tiny")
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (Path(__file__).parent / "templates" / "google-gemma-2-2b-it.jinja").read_text()
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_refusal_is_one_line_from_the_cli(gemma_model):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "generate", "--model", str(gemma_model),
+                        "--system-prompt", "be brief", "-p", "hi", "--max-tokens", "2"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip() == "error: chat template: System role not supported", r.stderr
+
+
+def test_refusal_is_a_400_from_the_server(gemma_model):
+    from starlette.testclient import TestClient
+
+    import mlxllama
+    from mlxllama.serve.app import create_app
+
+    model, tokenizer = mlxllama.load(gemma_model)
+    with TestClient(create_app(model, tokenizer, "tiny")) as client:
+        bad = client.post("/v1/chat/completions", json={"messages": [
+            {"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert bad.status_code == 400, bad.text
+        assert "System role not supported" in bad.json()["error"]["message"]
+        good = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}],
+                                                          "max_tokens": 2})
+        assert good.status_code == 200, good.text
