@@ -311,6 +311,12 @@ def _cut_at_tag(rendered: str, final: Any) -> str:
     return rendered[:at].rstrip()
 
 
+def _check_options(add_generation_prompt: bool, continue_final_message: bool | str) -> None:
+    if continue_final_message and add_generation_prompt:
+        raise ChatTemplateError("continue_final_message and add_generation_prompt are not compatible: "
+                                "continue a final message, or prompt for a new assistant message")
+
+
 def render_chats(
     conversations: list[Any],
     template: str,
@@ -325,9 +331,7 @@ def render_chats(
     arguments such as enable_thinking) are visible to the template. ChatTemplateError when
     transformers would refuse, or the template refuses or fails."""
     compiled = compile_template(template)
-    if continue_final_message and add_generation_prompt:
-        raise ChatTemplateError("continue_final_message and add_generation_prompt are not compatible: "
-                                "continue a final message, or prompt for a new assistant message")
+    _check_options(add_generation_prompt, continue_final_message)
     schemas = tool_schemas(tools)
     if documents is not None and (not isinstance(documents, (list, tuple))
                                   or not all(isinstance(d, dict) for d in documents)):
@@ -363,9 +367,7 @@ def _content_text(content: Any) -> str:
 def render_plain(conversation: Any, add_generation_prompt: bool, continue_final_message: bool | str) -> str:
     """The format for models without a chat template (as mlx-lm's server falls back to): one
     "role: content" line per message, "assistant:" as the generation prompt."""
-    if continue_final_message and add_generation_prompt:
-        raise ChatTemplateError("continue_final_message and add_generation_prompt are not compatible: "
-                                "continue a final message, or prompt for a new assistant message")
+    _check_options(add_generation_prompt, continue_final_message)
     messages = normalize_messages(conversation)
     text = "".join(f"{m.get('role', 'user')}: {_content_text(m.get('content'))}\n" for m in messages)
     if continue_final_message:

@@ -373,15 +373,34 @@ def gemma_model(tmp_path_factory):
     return path
 
 
-def test_refusal_is_one_line_from_the_cli(gemma_model):
+def _mlxllama(*args):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "mlxllama", "generate", "--model", str(gemma_model),
-                        "--system-prompt", "be brief", "-p", "hi", "--max-tokens", "2"],
-                       capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "mlxllama", *args], capture_output=True, text=True, timeout=120)
+
+
+def test_refusal_is_one_line_from_the_cli(gemma_model):
+    r = _mlxllama("generate", "--model", str(gemma_model), "--system-prompt", "be brief", "-p", "hi",
+                  "--max-tokens", "2")
     assert r.returncode == 1
     assert r.stderr.strip() == "error: chat template: System role not supported", r.stderr
+
+
+def test_cli_chat_template_config(gemma_model, tmp_path):
+    path = tmp_path / "m"
+    path.mkdir()
+    for f in gemma_model.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% if not allow %}{{ raise_exception('allow is off') }}{% endif %}"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    base = ("generate", "--model", str(path), "-p", "hi", "--max-tokens", "1")
+    assert _mlxllama(*base).stderr.strip() == "error: chat template: allow is off"
+    assert _mlxllama(*base, "--chat-template-config", '{"allow": true}').returncode == 0
+    r = _mlxllama(*base, "--chat-template-config", "[1]")
+    assert r.returncode == 1 and r.stderr.strip().startswith("error: --chat-template-config must be a JSON object")
 
 
 def test_refusal_is_a_400_from_the_server(gemma_model):

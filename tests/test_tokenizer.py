@@ -268,6 +268,7 @@ def test_bos_rules(bpe_dir, tmp_path, config, post_processor, adds_bos):
     plain = tok.encode("hello", add_special_tokens=False)
     assert tok.encode("hello") == ([0] if adds_bos else []) + plain
     assert tok.encode("<|endoftext|>hello") == [0] + plain  # never twice
+    assert tok.encode("<|endoftext|><|endoftext|>hello") == [0, 0] + plain  # the text's own are kept
     assert tok.encode("hello", add_special_tokens=False) == plain
 
 
@@ -457,7 +458,7 @@ def test_import_does_not_pull_transformers():
 def test_bpe_parity_with_transformers(bpe, bpe_dir):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
-    for text in [UNSEEN, *ENGLISH, "<|im_start|>user\nhi<|im_end|>"]:
+    for text in [UNSEEN, *ENGLISH, "<|im_start|>user\nhi<|im_end|>", "<|im_start|><|im_start|>user"]:
         assert bpe.encode(text) == hf.encode(text)
         assert bpe.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
     tools = [{"type": "function", "function": {"name": "天气", "parameters": {"city": "<Paris & Co>"}}}]
