@@ -38,6 +38,7 @@ _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # Largest string or list a template may build with `*` or a padding method, in items.
 MAX_TEMPLATE_ITEMS = 50_000_000
 _PADDING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
+_SIZED_FILTERS = ("center", "indent", "batch", "wordwrap", "truncate")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +138,21 @@ def _environment() -> Any:
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
+    def bounded(name: str, filter_: Callable[..., Any]) -> Callable[..., Any]:
+        """A jinja2 filter that refuses a size argument no chat needs."""
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            if any(_too_big(a) for a in (*args[1:], *kwargs.values())):
+                raise SecurityError(f"the template asks the {name} filter for more than {MAX_TEMPLATE_ITEMS} items")
+            return filter_(*args, **kwargs)
+
+        for attr in ("jinja_pass_arg",):  # keep jinja2's pass_context / pass_eval_context marks
+            if hasattr(filter_, attr):
+                setattr(checked, attr, getattr(filter_, attr))
+        return checked
+
     env = Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols])
+    for name in _SIZED_FILTERS:
+        env.filters[name] = bounded(name, env.filters[name])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = _strftime_now
