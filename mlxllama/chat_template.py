@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import json
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -37,6 +38,8 @@ REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 # Largest string or list a template may build with `*` or a padding method, in items.
 MAX_TEMPLATE_ITEMS = 50_000_000
+# (blocks rendered so far, spans found) while a render records its {% generation %} spans
+_TRACKING: ContextVar[tuple[list[str], list[tuple[int, int]]] | None] = ContextVar("generation_spans", default=None)
 _PADDING_METHODS = frozenset({"ljust", "rjust", "center", "zfill", "expandtabs"})
 _SIZED_FILTERS = ("center", "indent", "batch", "wordwrap", "truncate")
 
@@ -80,7 +83,13 @@ def _environment() -> Any:
             return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
 
         def _render(self, caller: Callable[[], str]) -> str:
-            return caller()
+            text = caller()
+            tracking = _TRACKING.get()
+            if tracking is not None:  # where the block's text starts: the blocks rendered so far
+                blocks, spans = tracking
+                start = sum(map(len, blocks))
+                spans.append((start, start + len(text)))
+            return text
 
     class TemplateDict:
         """`dict(...)` and `dict.fromkeys(...)` without the type's attributes."""
@@ -332,6 +341,19 @@ def _check_options(add_generation_prompt: bool, continue_final_message: bool | s
                                 "continue a final message, or prompt for a new assistant message")
 
 
+def _render_tracking(compiled: Any, spans_out: list, **variables: Any) -> str:
+    blocks: list[str] = []
+    spans: list[tuple[int, int]] = []
+    token = _TRACKING.set((blocks, spans))
+    try:
+        for block in compiled.generate(**variables):
+            blocks.append(block)
+    finally:
+        _TRACKING.reset(token)
+    spans_out.append(spans)
+    return "".join(blocks)
+
+
 def render_chats(
     conversations: list[Any],
     template: str,
@@ -341,10 +363,13 @@ def render_chats(
     add_generation_prompt: bool = False,
     continue_final_message: bool | str = False,
     variables: dict[str, Any] | None = None,
+    generation_spans: list[list[tuple[int, int]]] | None = None,
 ) -> list[str]:
     """Each conversation rendered with `template`; `variables` (special tokens, template
     arguments such as enable_thinking) are visible to the template. ChatTemplateError when
-    transformers would refuse, or the template refuses or fails."""
+    transformers would refuse, or the template refuses or fails. With `generation_spans` (a
+    list), the (start, end) characters of each conversation's {% generation %} blocks are
+    appended to it."""
     compiled = compile_template(template)
     _check_options(add_generation_prompt, continue_final_message)
     schemas = tool_schemas(tools)
@@ -358,7 +383,11 @@ def render_chats(
         chat = alias_reasoning(plain_data(normalize_messages(conversation)))
         final = _tag_final_message(chat, field, template) if continue_final_message else None
         try:
-            text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **shared)
+            if generation_spans is None:
+                text = compiled.render(messages=chat, add_generation_prompt=add_generation_prompt, **shared)
+            else:
+                text = _render_tracking(compiled, generation_spans, messages=chat,
+                                        add_generation_prompt=add_generation_prompt, **shared)
         except RecursionError:
             raise ChatTemplateError("chat template: recursion too deep") from None
         except Exception as e:  # the template's own code failed or refused: the conversation is the cause

@@ -192,6 +192,9 @@ class _TokenizersBackend:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int]]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).offsets)
+
     def token_bytes(self, token_id: int) -> bytes:
         token = self._tok.id_to_token(token_id)
         if token is None:
@@ -279,6 +282,20 @@ class _SentencePieceBackend:
 
 
 _Backend = _TokenizersBackend | _SentencePieceBackend
+
+
+def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """1 for each token whose characters overlap one of the (sorted) spans, as transformers marks them."""
+    mask = [0] * len(offsets)
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and start >= spans[k][1]:
+            k += 1
+        if k == len(spans):
+            break
+        if end > spans[k][0]:
+            mask[i] = 1
+    return mask
 
 
 def _as_tensor(rows: list[list[int]], kind: str) -> Any:
@@ -520,6 +537,7 @@ class Tokenizer:
         max_length: int | None = None,
         return_tensors: str | None = None,
         return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
         tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> Any:
@@ -529,35 +547,59 @@ class Tokenizer:
         Defaults as mlx-lm's tokenizer: token ids (tokenize=True), no generation prompt unless
         add_generation_prompt=True, a plain list unless return_dict / return_tensors ("np",
         "mlx", "pt") ask for more. tokenize=False gives the text. Without any template: one
-        "role: content" line per message and "assistant:" as the generation prompt."""
-        for name in ("sanitize_control_tokens", "return_assistant_tokens_mask"):
-            if kwargs.pop(name, False):
-                raise InputError(f"apply_chat_template: {name} is not supported")
+        "role: content" line per message and "assistant:" as the generation prompt.
+        return_assistant_tokens_mask adds "assistant_masks": 1 for the tokens of the template's
+        {% generation %} blocks."""
+        if kwargs.pop("sanitize_control_tokens", False):
+            raise InputError("apply_chat_template: sanitize_control_tokens is not supported")
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ChatTemplateError("return_assistant_tokens_mask=True needs return_dict=True and tokenize=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ChatTemplateError("continue_final_message is not compatible with return_assistant_tokens_mask")
         if isinstance(conversation, (list, tuple)) and not conversation:
             raise ChatTemplateError("cannot apply the chat template to an empty conversation: give at least one message")
         batched = isinstance(conversation, (list, tuple)) and (
             isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
         conversations = list(conversation) if batched else [conversation]
         template = self.get_chat_template(chat_template, tools)
+        spans: list[list[tuple[int, int]]] | None = [] if return_assistant_tokens_mask else None
         if template is None:
             rendered = [render_plain(c, add_generation_prompt, continue_final_message) for c in conversations]
+            spans = [[] for _ in rendered] if spans is not None else None
         else:
             rendered = render_chats(conversations, template, tools=tools, documents=documents,
                                     add_generation_prompt=add_generation_prompt,
                                     continue_final_message=continue_final_message,
-                                    variables={**self._special_tokens, **kwargs})
+                                    variables={**self._special_tokens, **kwargs}, generation_spans=spans)
         if not tokenize:
             return rendered if batched else rendered[0]
         add_special = bool((tokenizer_kwargs or {}).get("add_special_tokens", False))
         ids = [self.encode(text, add_special_tokens=add_special) for text in rendered]
-        out = self._shape_batch(ids, padding, truncation, max_length, return_tensors, batched)
+        masks = None
+        if spans is not None:
+            masks = [_span_mask(self._offsets(text, add_special, len(row)), s)
+                     for text, row, s in zip(rendered, ids, spans)]
+        out = self._shape_batch(ids, padding, truncation, max_length, return_tensors, batched, masks)
         return out if return_dict else out["input_ids"]
 
+    def _offsets(self, text: str, add_special_tokens: bool, n: int) -> list[tuple[int, int]]:
+        """(start, end) characters of each of the n tokens `encode(text)` gives."""
+        if not isinstance(self._backend, _TokenizersBackend):
+            raise InputError("return_assistant_tokens_mask needs a tokenizer.json (token offsets)")
+        offsets = self._backend.offsets(text, add_special_tokens)
+        if len(offsets) >= n:  # encode took a BOS off the front (or nothing changed)
+            return offsets[len(offsets) - n:]
+        return [(0, 0)] * (n - len(offsets)) + offsets  # encode put a BOS in front
+
     def _shape_batch(self, ids: list[list[int]], padding: bool | str, truncation: bool, max_length: int | None,
-                     return_tensors: str | None, batched: bool) -> dict[str, Any]:
-        """{"input_ids", "attention_mask"}: truncated, padded and made tensors as asked."""
+                     return_tensors: str | None, batched: bool,
+                     assistant: list[list[int]] | None = None) -> dict[str, Any]:
+        """{"input_ids", "attention_mask"[, "assistant_masks"]}: truncated, padded and made
+        tensors as asked."""
         if truncation and max_length is not None:
-            ids = [row[-max_length:] if self.truncation_side == "left" else row[:max_length] for row in ids]
+            cut = (lambda row: row[-max_length:]) if self.truncation_side == "left" else (lambda row: row[:max_length])
+            ids = [cut(row) for row in ids]
+            assistant = [cut(row) for row in assistant] if assistant is not None else None
         masks = [[1] * len(row) for row in ids]
         if padding not in (False, None, "do_not_pad"):
             if padding not in (True, "longest", "max_length"):
@@ -566,17 +608,21 @@ class Tokenizer:
                 raise InputError("cannot pad: the tokenizer has no padding token")
             width = max_length if padding == "max_length" and max_length else max(map(len, ids))
             pads = [width - len(row) for row in ids]
-            if self.padding_side == "left":
-                ids = [[self.pad_token_id] * n + row for n, row in zip(pads, ids)]
-                masks = [[0] * n + m for n, m in zip(pads, masks)]
-            else:
-                ids = [row + [self.pad_token_id] * n for n, row in zip(pads, ids)]
-                masks = [m + [0] * n for n, m in zip(pads, masks)]
+            def pad(rows: list[list[int]], value: int) -> list[list[int]]:
+                if self.padding_side == "left":
+                    return [[value] * n + row for n, row in zip(pads, rows)]
+                return [row + [value] * n for n, row in zip(pads, rows)]
+
+            ids, masks = pad(ids, self.pad_token_id), pad(masks, 0)
+            assistant = pad(assistant, 0) if assistant is not None else None
+        out = {"input_ids": ids, "attention_mask": masks}
+        if assistant is not None:
+            out["assistant_masks"] = assistant
         if return_tensors is None:
-            return {"input_ids": ids if batched else ids[0], "attention_mask": masks if batched else masks[0]}
+            return out if batched else {k: v[0] for k, v in out.items()}
         if len({len(row) for row in ids}) > 1:
             raise InputError("cannot make one tensor of conversations of different lengths: pass padding=True")
-        return {"input_ids": _as_tensor(ids, return_tensors), "attention_mask": _as_tensor(masks, return_tensors)}
+        return {k: _as_tensor(v, return_tensors) for k, v in out.items()}
 
     def _end_of_turn_id(self) -> int | None:
         """The special token the chat template writes right after an assistant message

@@ -192,6 +192,27 @@ def test_outputs_dict_tensors_and_batches(ours, hf):
     assert np.array_equal(padded["attention_mask"], reference["attention_mask"])
 
 
+GENERATION = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}{% generation %}"
+              "{{ m['content'] }}<|im_end|>{% endgeneration %}{% else %}{{ m['content'] }}<|im_end|>{% endif %}\n"
+              "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_assistant_tokens_mask_matches_transformers(ours, hf):
+    chats = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"},
+              {"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}],
+             [{"role": "user", "content": "a longer question here"}, {"role": "assistant", "content": "ok"}]]
+    for conversation, extra in ((chats[0], {}), (chats, {"padding": True}),
+                                (chats, {"truncation": True, "max_length": 9})):
+        kwargs = {"chat_template": GENERATION, "return_dict": True, "return_assistant_tokens_mask": True, **extra}
+        mine, theirs = ours.apply_chat_template(conversation, **kwargs), hf.apply_chat_template(conversation, **kwargs)
+        assert mine["assistant_masks"] == theirs["assistant_masks"] and mine["input_ids"] == theirs["input_ids"]
+        if not extra:  # the assistant's tokens, and only those, are marked
+            marked = [t for t, m in zip(mine["input_ids"], mine["assistant_masks"]) if m]
+            assert ours.decode(marked) == "hello there<|im_end|>yes<|im_end|>"
+    with pytest.raises(ChatTemplateError, match="return_dict"):
+        ours.apply_chat_template(chats[0], chat_template=GENERATION, return_assistant_tokens_mask=True)
+
+
 def test_named_templates_and_tool_use(folder, tmp_path, hf):
     path = tmp_path / "named"
     path.mkdir()
