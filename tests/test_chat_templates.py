@@ -369,15 +369,18 @@ def test_hostile_templates_are_refused(template):
     assert "\n" not in str(e.value) and str(e.value).startswith("chat template")
 
 
-def test_hostile_template_refused_from_the_cli_and_server(folder, tmp_path):
-    """A template that walks to __subclasses__ is one line from the library; callers turn the
-    ChatTemplateError (an InputError) into the CLI's one line and the server's 400."""
-    from mlxllama.errors import MlxllamaError
-
-    tok = load_tokenizer(folder)
-    with pytest.raises(MlxllamaError) as e:
-        tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=HOSTILE[0])
-    assert "unsafe" in str(e.value) and "\n" not in str(e.value)
+def test_hostile_template_in_a_model_folder(folder, tmp_path):
+    """A model whose chat_template.jinja walks to __subclasses__ loads (its template is only
+    probed, in the sandbox), and every use of the template is refused in one line."""
+    path = tmp_path / "hostile"
+    path.mkdir()
+    for f in folder.iterdir():
+        (path / f.name).write_bytes(f.read_bytes())
+    (path / "chat_template.jinja").write_text(HOSTILE[0] + "{% for m in messages %}{{ m.content }}{% endfor %}")
+    tok = load_tokenizer(path)
+    with pytest.raises(ChatTemplateError) as e:
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert str(e.value) == "chat template: access to attribute '__class__' of 'str' object is unsafe"
 
 
 # ---------------------------------------------------------------------------------------------
