@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ConfigError, UnsupportedModelError, WeightsError
-from .hub import resolve_model
+from .resolve import resolve_model
 from .models.llama import SUPPORTED_MODEL_TYPES, Model, ModelArgs
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}

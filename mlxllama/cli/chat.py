@@ -6,20 +6,28 @@ import sys
 
 import click
 
-from .options import load_draft, model_options, sampling_kwargs, sampling_options
+from .options import apply_m_flag, load_draft, mlx_lm_m_option, model_options, sampling_kwargs, sampling_options
 
-HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+HELP = "Commands: /help shows this, /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+COMMANDS_HELP = """/help          this list
+/reset         forget the conversation (the system prompt stays)
+/exit, /quit   leave (Ctrl-D too)
+Ctrl-C         stop the answer being written
+Any other line starting with / is refused rather than sent to the model; start a line with // to send
+one that begins with /."""
 
 
 @click.command("chat")
-@model_options
+@model_options(short_m=False)
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
+@mlx_lm_m_option
 def chat_command(model, adapter_path, dtype, system_prompt, **opts):
     """Chat with a model in the terminal."""
     from ..chat import ChatSession
     from ..loader import load
 
+    model = apply_m_flag(model, opts)
     kwargs = sampling_kwargs(opts)
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     session = ChatSession(llm, tokenizer, system_prompt=system_prompt,
@@ -46,6 +54,14 @@ def chat_command(model, adapter_path, dtype, system_prompt, **opts):
         if text == "/reset":
             session.reset()
             click.echo("[conversation cleared]", err=True)
+            continue
+        if text == "/help":
+            click.echo(COMMANDS_HELP, err=True)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
+            click.echo(f"unknown command {text.split()[0]}; /help lists the commands", err=True)
             continue
         try:
             for piece in session.send(text):

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import load_draft, model_options, sampling_kwargs, sampling_options
+from .options import apply_m_flag, load_draft, mlx_lm_m_option, model_options, sampling_kwargs, sampling_options
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool,
@@ -38,7 +38,7 @@ def parse_template_config(text: str | None) -> dict:
 
 
 @click.command("generate")
-@model_options
+@model_options(short_m=False)
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
@@ -46,6 +46,7 @@ def parse_template_config(text: str | None) -> dict:
 @click.option("--chat-template-config", default=None,
               help='Chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\'.')
 @sampling_options
+@mlx_lm_m_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
 def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, chat_template_config,
                      verbose, **opts):
@@ -53,6 +54,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..generate import batch_generate, print_stats, stream_generate
     from ..loader import load
 
+    model = apply_m_flag(model, opts)
     prompts = [sys.stdin.read() if p == "-" else p for p in prompts] or []
     if not prompts:
         raise InputError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
@@ -82,5 +84,6 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the stats on stderr, so they start on a line of their own
     if verbose and last is not None:
         print_stats(last, file=sys.stderr)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import click
 
 
-def model_options(f):
+def model_options(f=None, *, short_m: bool = True):
+    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype."""
+    if f is None:
+        return lambda g: model_options(g, short_m=short_m)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
-    f = click.option("--model", "-m", default=None,
+    f = click.option("--model", *(["-m"] if short_m else []), default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
 
@@ -30,6 +33,26 @@ def sampling_options(f):
                      help="Sampling temperature (0: greedy).")(f)
     f = click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=256, help="Most tokens to generate.")(f)
     return f
+
+
+def mlx_lm_m_option(f):
+    """-m as mlx-lm's generate and chat read it: --max-tokens."""
+    return click.option("-m", "m_flag", default=None, metavar="N",
+                        help="Same as --max-tokens (mlx-lm's spelling). A value that is not a number is taken as "
+                             "--model, with a warning (deprecated).")(f)
+
+
+def apply_m_flag(model, opts: dict):
+    """Resolves -m: a number is --max-tokens (as in mlx-lm); anything else is the model, as -m used to be."""
+    value = opts.pop("m_flag", None)
+    if value is None:
+        return model
+    if value.isdigit():
+        opts["max_tokens"] = int(value)
+        return model
+    click.echo("warning: -m now means --max-tokens, as in mlx-lm; use --model for the model "
+               "(-m MODEL is accepted for one more release)", err=True)
+    return model or value
 
 
 def sampling_kwargs(o: dict) -> dict:
