@@ -170,7 +170,7 @@ def _environment() -> Any:
     return env
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=128)
 def compile_template(source: str) -> Any:
     """A compiled chat template; ChatTemplateError naming the line when it does not parse."""
     import jinja2
