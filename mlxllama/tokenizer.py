@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from .batch_encoding import shape_batch, span_mask
 from .chat_template import render_chats, render_plain, select_template
 from .errors import ChatTemplateError, ConfigError, InputError, MlxllamaError, ModelNotFoundError
 
@@ -282,40 +283,6 @@ class _SentencePieceBackend:
 
 
 _Backend = _TokenizersBackend | _SentencePieceBackend
-
-
-def _span_mask(offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
-    """1 for each token whose characters overlap one of the (sorted) spans, as transformers marks them."""
-    mask = [0] * len(offsets)
-    k = 0
-    for i, (start, end) in enumerate(offsets):
-        while k < len(spans) and start >= spans[k][1]:
-            k += 1
-        if k == len(spans):
-            break
-        if end > spans[k][0]:
-            mask[i] = 1
-    return mask
-
-
-def _as_tensor(rows: list[list[int]], kind: str) -> Any:
-    """A (B, L) array of the framework `kind` names: "np", "mlx" or "pt"."""
-    import numpy as np
-
-    array = np.array(rows, dtype=np.int64)
-    if kind == "np":
-        return array
-    if kind == "mlx":
-        import mlx.core as mx
-
-        return mx.array(array.astype(np.int32))
-    if kind == "pt":
-        try:
-            import torch
-        except ImportError:
-            raise InputError("return_tensors='pt' needs PyTorch, which is not installed") from None
-        return torch.from_numpy(array)
-    raise InputError(f"return_tensors must be 'np', 'mlx' or 'pt', got {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -577,9 +544,11 @@ class Tokenizer:
         ids = [self.encode(text, add_special_tokens=add_special) for text in rendered]
         masks = None
         if spans is not None:
-            masks = [_span_mask(self._offsets(text, add_special, len(row)), s)
+            masks = [span_mask(self._offsets(text, add_special, len(row)), s)
                      for text, row, s in zip(rendered, ids, spans)]
-        out = self._shape_batch(ids, padding, truncation, max_length, return_tensors, batched, masks)
+        out = shape_batch(ids, masks, pad_id=self.pad_token_id, padding=padding, truncation=truncation,
+                          max_length=max_length, return_tensors=return_tensors, batched=batched,
+                          padding_side=self.padding_side, truncation_side=self.truncation_side)
         return out if return_dict else out["input_ids"]
 
     def _offsets(self, text: str, add_special_tokens: bool, n: int) -> list[tuple[int, int]]:
@@ -590,39 +559,6 @@ class Tokenizer:
         if len(offsets) >= n:  # encode took a BOS off the front (or nothing changed)
             return offsets[len(offsets) - n:]
         return [(0, 0)] * (n - len(offsets)) + offsets  # encode put a BOS in front
-
-    def _shape_batch(self, ids: list[list[int]], padding: bool | str, truncation: bool, max_length: int | None,
-                     return_tensors: str | None, batched: bool,
-                     assistant: list[list[int]] | None = None) -> dict[str, Any]:
-        """{"input_ids", "attention_mask"[, "assistant_masks"]}: truncated, padded and made
-        tensors as asked."""
-        if truncation and max_length is not None:
-            cut = (lambda row: row[-max_length:]) if self.truncation_side == "left" else (lambda row: row[:max_length])
-            ids = [cut(row) for row in ids]
-            assistant = [cut(row) for row in assistant] if assistant is not None else None
-        masks = [[1] * len(row) for row in ids]
-        if padding not in (False, None, "do_not_pad"):
-            if padding not in (True, "longest", "max_length"):
-                raise InputError(f"padding must be True, 'longest', 'max_length' or False, got {padding!r}")
-            if self.pad_token_id is None:
-                raise InputError("cannot pad: the tokenizer has no padding token")
-            width = max_length if padding == "max_length" and max_length else max(map(len, ids))
-            pads = [width - len(row) for row in ids]
-            def pad(rows: list[list[int]], value: int) -> list[list[int]]:
-                if self.padding_side == "left":
-                    return [[value] * n + row for n, row in zip(pads, rows)]
-                return [row + [value] * n for n, row in zip(pads, rows)]
-
-            ids, masks = pad(ids, self.pad_token_id), pad(masks, 0)
-            assistant = pad(assistant, 0) if assistant is not None else None
-        out = {"input_ids": ids, "attention_mask": masks}
-        if assistant is not None:
-            out["assistant_masks"] = assistant
-        if return_tensors is None:
-            return out if batched else {k: v[0] for k, v in out.items()}
-        if len({len(row) for row in ids}) > 1:
-            raise InputError("cannot make one tensor of conversations of different lengths: pass padding=True")
-        return {k: _as_tensor(v, return_tensors) for k, v in out.items()}
 
     def _end_of_turn_id(self) -> int | None:
         """The special token the chat template writes right after an assistant message
