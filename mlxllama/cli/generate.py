@@ -8,7 +8,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import apply_m_flag, load_draft, mlx_lm_m_option, model_options, sampling_kwargs, sampling_options
+from .options import (Distributed, apply_m_flag, load_draft, mlx_lm_m_option, model_options, parallel_option,
+                      sampling_kwargs, sampling_options)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool,
@@ -47,15 +48,17 @@ def parse_template_config(text: str | None) -> dict:
               help='Chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\'.')
 @sampling_options
 @mlx_lm_m_option
+@parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
 def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, chat_template_config,
-                     verbose, **opts):
+                     verbose, parallel, dist_timeout, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
-    from ..generate import batch_generate, print_stats, stream_generate
+    from ..generate import batch_generate
     from ..loader import load
 
     model = apply_m_flag(model, opts)
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts] or []
+    dist = Distributed.start(dist_timeout)
+    prompts = [(dist.read_stdin() if dist else sys.stdin.read()) if p == "-" else p for p in prompts] or []
     if not prompts:
         raise InputError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
     for p in prompts:
@@ -66,6 +69,18 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
+    if dist is not None:
+        dist.check(kwargs, opts["draft_model"])
+        if len(prompts) > 1:
+            raise InputError("one prompt at a time with several ranks")
+        with dist.errors():
+            llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+            llm = dist.watch(llm)
+            kwargs = dist.sampling(kwargs)
+            prompt = build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template, template_args)
+            _stream(llm, tokenizer, prompt, None, kwargs, verbose and dist.rank == 0)
+            dist.finish()
+        return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template, template_args) for p in prompts]
 
@@ -78,9 +93,14 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             click.echo(text)
         return
 
-    draft = load_draft(opts["draft_model"])
+    _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), kwargs, verbose)
+
+
+def _stream(llm, tokenizer, prompt, draft, kwargs: dict, verbose: bool) -> None:
+    from ..generate import print_stats, stream_generate
+
     last = None
-    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, **kwargs):
+    for last in stream_generate(llm, tokenizer, prompt, draft_model=draft, **kwargs):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
