@@ -36,15 +36,18 @@ from .options import model_options
 @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
               help="temperature for requests that do not set one: 0 decodes greedily, as mlx-lm's server does "
                    "(the OpenAI API's own default is 1.0).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the chat page in the default browser.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(model, adapter_path, dtype, host, port, ollama, api_key, served_model_names, accept_any_model,
-                  allowed_origins, max_batch, max_queue, max_body_bytes, max_tokens, temperature, log_level):
-    """Serve a model over the OpenAI API (chat and text completions, responses), Anthropic's
-    Messages API and Ollama's API, streamed or not; Prometheus metrics at /metrics."""
+                  allowed_origins, max_batch, max_queue, max_body_bytes, max_tokens, temperature, open_browser,
+                  log_level):
+    """Serve a model over the OpenAI API (chat and text completions, responses, document questions),
+    Anthropic's Messages API and Ollama's API, streamed or not, with a chat page at http://HOST:PORT/
+    and Prometheus metrics at /metrics."""
     from ..serve import serve
 
     serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
           log_level=log_level, served_model_names=list(served_model_names) or None, accept_any_model=accept_any_model,
-          allowed_origins=list(allowed_origins) or None, ollama=ollama)
+          allowed_origins=list(allowed_origins) or None, ollama=ollama, open_browser=open_browser)

@@ -7,10 +7,13 @@ import ipaddress
 import logging
 import os
 import socket
+import threading
+import time
 
 from ..errors import InputError
 
 from .app import create_app
+from .web import local_host, page_url
 
 __all__ = ["create_app", "model_id_for", "serve"]
 
@@ -68,10 +71,12 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
           port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
           max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 0.0,
           dtype: str | None = None, log_level: str = "info", served_model_names: list[str] | None = None,
-          accept_any_model: bool = False, allowed_origins: list[str] | None = None, ollama: bool = False) -> None:
+          accept_any_model: bool = False, allowed_origins: list[str] | None = None, ollama: bool = False,
+          open_browser: bool = False) -> None:
     """Binds the port(s), loads the model and serves it until interrupted.
 
-    ollama: also listen on Ollama's port 11434 (same host), for apps that only know that address."""
+    ollama: also listen on Ollama's port 11434 (same host), for apps that only know that address;
+    open_browser: open the chat page once the server answers."""
     import uvicorn
 
     from ..loader import load
@@ -98,5 +103,25 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
     names = ", ".join(repr(n) for n in (served_model_names or [model_id]))
     log.info("serving %s on http://%s:%d/v1%s", names, shown, port,
              f" (and Ollama's API on port {OLLAMA_PORT})" if len(sockets) > 1 else "")
+    url = page_url(host, port)
+    print(f"chat page: {url}", flush=True)
+    if open_browser:
+        threading.Thread(target=open_when_up, args=(url, host, port), daemon=True).start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=sockets)
+
+
+def open_when_up(url: str, host: str, port: int, timeout: float = 120.0) -> None:
+    """Opens `url` in the default browser as soon as the server accepts connections."""
+    import webbrowser
+
+    host = local_host(host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    if not webbrowser.open(url):
+        log.warning("could not open a browser: open %s yourself", url)

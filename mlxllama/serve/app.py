@@ -1,11 +1,11 @@
 """The HTTP side: a Starlette app with the routes of every dialect, the API key check and body limits.
 
 OpenAI routes here: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /v1/models/{id} (each also without /v1); GET /health. The other dialects (responses.py,
-anthropic.py, ollama.py) and /metrics (metrics.py) translate to the same checked request and run
-through `Handlers.start`. Every error is answered in the shape of the dialect of its route (OpenAI's
-{"error": {"message", "type", "param", "code"}} unless Anthropic's or Ollama's); no request can
-stop the server.
+GET /v1/models/{id} (each also without /v1); GET /health; POST /v1/qa (qa_route.py) and the chat
+page at / (web.py). The other dialects (responses.py, anthropic.py, ollama.py) and /metrics
+(metrics.py) translate to the same checked request and run through `Handlers.start`. Every error is
+answered in the shape of the dialect of its route (OpenAI's {"error": {"message", "type", "param",
+"code"}} unless Anthropic's or Ollama's); no request can stop the server.
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ from .engine import Delta, Done, Engine
 from .formats import Formatter
 from .metrics import CountRequests, Metrics
 from .prompts import choices, gen_request
+from .qa_route import QARoute
 from .responses import Responses
 from .runs import Run
 from .schemas import APIError, ModelNames, Parsed, parse_chat, parse_completion
+from .web import page_routes
 
 log = logging.getLogger("mlxllama.serve")
 
@@ -237,6 +239,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
     metrics = Metrics(engine)
     h.on_done = metrics.done
     messages, responses, oll = anthropic.Messages(h), Responses(h), ollama.Ollama(h)
+    qa = QARoute(h)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -244,6 +247,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         try:
             yield
         finally:
+            qa.close()
             await run_in_threadpool(engine.stop)
 
     routes = [Route("/health", h.health, methods=["GET"])]
@@ -265,6 +269,8 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         Route("/api/show", oll.show, methods=["POST"]),
         Route("/api/chat", oll.chat, methods=["POST"]),
         Route("/api/generate", oll.generate, methods=["POST"]),
+        Route("/v1/qa", qa.handle, methods=["POST"]),
+        *page_routes(),
     ]
     middleware = []
     if allowed_origins:  # outermost: preflights are answered before any other check
