@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import load_draft, model_options, sampling_kwargs, sampling_options
+from .options import kv_kwargs, kv_options, load_draft, model_options, sampling_kwargs, sampling_options
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool):
@@ -28,8 +28,12 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @sampling_options
+@kv_options
+@click.option("--prompt-cache-file", type=click.Path(), default=None,
+              help="Continue from a prompt cache made by `mlxllama cache-prompt` (or mlx_lm.cache_prompt).")
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
-def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, **opts):
+def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, prompt_cache_file,
+                     verbose, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
     from ..generate import batch_generate, print_stats, stream_generate
     from ..loader import load
@@ -44,13 +48,27 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
+    kv = kv_kwargs(opts)
+    if prompt_cache_file is not None:
+        import os
+
+        if not os.path.isfile(prompt_cache_file):
+            raise InputError(f"--prompt-cache-file not found: {prompt_cache_file}")
+        if len(prompts) > 1:
+            raise InputError("--prompt-cache-file continues one prompt: pass --prompt once")
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
+    if prompt_cache_file is not None:
+        from ..engine.prompt_file import continuation_tokens, load_cache_file
+
+        kwargs["prompt_cache"] = load_cache_file(llm, tokenizer, prompt_cache_file, kv["kv_bits"], kv["kv_group_size"])
+        encoded = [continuation_tokens(tokenizer, prompts[0], system_prompt, not ignore_chat_template)]
+    else:
+        encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
 
     if len(encoded) > 1:
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
                               top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
-                              seed=kwargs["seed"], stop=kwargs["stop"])
+                              seed=kwargs["seed"], stop=kwargs["stop"], **kv)
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
             click.echo(text)
@@ -58,7 +76,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
 
     draft = load_draft(opts["draft_model"])
     last = None
-    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, **kwargs):
+    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, **kwargs, **kv):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
