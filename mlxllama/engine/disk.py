@@ -26,9 +26,10 @@ DEFAULT_MAX_BYTES = 2 << 30
 
 
 def default_folder() -> Path:
+    """$MLXLLAMA_PROMPT_CACHE, else prompt-cache/ in the user cache ($MLXLLAMA_HOME or ~/.cache/mlxllama)."""
     from ..hub import cache_home
 
-    return cache_home() / "prompt-cache"
+    return Path(os.environ.get("MLXLLAMA_PROMPT_CACHE") or cache_home() / "prompt-cache").expanduser()
 
 
 def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
@@ -117,6 +118,8 @@ class DiskCache:
             except OSError:
                 pass
             return path
+        covered = [p for p, cached, k in self._candidates([kind])
+                   if k == kind and len(cached) < len(tokens) and list(tokens[: len(cached)]) == cached]
         try:
             save_prompt_cache(path, states, kind, tokens=tokens, model=self.model, tokenizer=self.tokenizer)
         except (OSError, RuntimeError) as e:  # unwritable or full folder: the cache is an optimisation
@@ -124,6 +127,8 @@ class DiskCache:
                 log.warning("cannot write the prompt cache in %s: %s", self.folder, getattr(e, "strerror", None) or e)
                 self._warned_write = True
             return None
+        for old in covered:  # the new entry holds all of theirs (a chat's earlier turns)
+            old.unlink(missing_ok=True)
         self.evict()
         return path
 

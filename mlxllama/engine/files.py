@@ -1,7 +1,8 @@
 """Prompt-cache files: KV states in mlx-lm's safetensors layout, with metadata that says what made them.
 
 The layout is mlx-lm's `save_prompt_cache` (0.32): tensors "<layer>.<i>..." from each layer cache's
-state, metadata "0.<key>" (the user metadata), "1.<layer>" (the cache class name: KVCache or
+state (KVCache: keys, values, offset; QuantizedKVCache: keys and values as (packed, scales, biases),
+offset, group size, bits), metadata "0.<key>" (the user metadata), "1.<layer>" (the cache class name: KVCache or
 QuantizedKVCache) and "2.<n>..." (which entries are scalars). So a file written here loads with
 `mlx_lm.models.cache.load_prompt_cache` and `mlx_lm.generate --prompt-cache-file`, and one written
 by `mlx_lm.cache_prompt` loads here. mlx-lm's own metadata keys are written too ("model",
@@ -102,7 +103,7 @@ def _layout(states: list, kind: str) -> tuple[list, list[str]]:
             data.append((list(k), list(v), k[0].shape[2], group, bits))
             classes.append("QuantizedKVCache")
         else:
-            data.append((k, v))
+            data.append((k, v, k.shape[2]))  # mlx-lm 0.32: (keys, values, offset)
             classes.append("KVCache")
     return data, classes
 
@@ -179,8 +180,9 @@ def load_prompt_cache(path: str | os.PathLike) -> tuple[list, str, dict[str, str
     layers = tree_unflatten(list(arrays.items()))
     states, kinds = [], set()
     for cls, state in zip(classes, layers):
-        if cls == "KVCache":
-            states.append((state[0], state[1]))
+        if cls == "KVCache":  # (keys, values, offset); older mlx-lm: (keys, values)
+            n = state[2] if len(state) > 2 else state[0].shape[2]
+            states.append((state[0][..., :n, :], state[1][..., :n, :]))
             kinds.add(FLOAT)
         elif cls == "QuantizedKVCache":
             k, v, offset, group, bits = state
