@@ -9,17 +9,14 @@ from mlxllama.engine import BatchEngine, PrefixCache
 from mlxllama.engine.prefix_cache import states_nbytes
 from mlxllama.models.cache import KVCache, QuantizedKVCache, to_quantized
 from mlxllama.sample import make_logit_bias, make_sampler
-from tinymodels import write_model
+from tinymodels import scale_weights, write_model
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """head_dim 32, so the KV cache can be quantized in groups of 32."""
     path = write_model(tmp_path_factory.mktemp("engine") / "tiny", "linear_rope_head_dim", max_position_embeddings=4096)
-    weights = mx.load(str(path / "model.safetensors"))  # larger weights: text that depends on the context
-    mx.save_safetensors(str(path / "model.safetensors"),
-                        {k: v if "norm" in k else v * 8 for k, v in weights.items()}, metadata={"format": "mlx"})
-    return mlxllama.load(path)
+    return mlxllama.load(scale_weights(path, 8))
 
 
 def alone(tiny, prompt, max_tokens, **kwargs):

@@ -21,7 +21,7 @@ from mlxllama.engine.disk import DiskCache, disk_prefix_cache
 from mlxllama.engine.files import CacheFileError, check_fits, load_prompt_cache, save_prompt_cache
 from mlxllama.engine.prompt_file import cache_prompt, cached_prompt_tokens, load_cache_file
 from mlxllama.qa import QASession
-from tinymodels import write_model
+from tinymodels import scale_weights, write_model
 
 DOC = "The cat is named Tom and lives in Paris. " * 30 + "The dog is named Rex. " * 20
 
@@ -29,10 +29,7 @@ DOC = "The cat is named Tom and lives in Paris. " * 30 + "The dog is named Rex. 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     path = write_model(tmp_path_factory.mktemp("pc") / "tiny", "linear_rope_head_dim", max_position_embeddings=4096)
-    weights = mx.load(str(path / "model.safetensors"))
-    mx.save_safetensors(str(path / "model.safetensors"),
-                        {k: v if "norm" in k else v * 8 for k, v in weights.items()}, metadata={"format": "mlx"})
-    return path
+    return scale_weights(path, 8)
 
 
 @pytest.fixture(scope="module")

@@ -15,21 +15,15 @@ from mlxllama.engine import PrefixCache
 from mlxllama.serve import create_app
 from mlxllama.serve.engine import kv_bytes_per_token
 from test_serve import LiveServer, chat_tokens, greedy  # noqa: F401  (fixtures below)
-from tinymodels import write_model
+from tinymodels import scale_weights, write_model
 
 MODEL_ID = "tiny-cached"
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    import mlx.core as mx
-
-    path = write_model(tmp_path_factory.mktemp("serve-cache") / "tiny", "linear_rope_head_dim",
-                       max_position_embeddings=4096)
-    weights = mx.load(str(path / "model.safetensors"))
-    mx.save_safetensors(str(path / "model.safetensors"),
-                        {k: v if "norm" in k else v * 8 for k, v in weights.items()}, metadata={"format": "mlx"})
-    return path
+    path = write_model(tmp_path_factory.mktemp("serve-cache") / "tiny", "linear_rope_head_dim", max_position_embeddings=4096)
+    return scale_weights(path, 8)
 
 
 @pytest.fixture(scope="module")
