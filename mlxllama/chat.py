@@ -17,11 +17,11 @@ SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 def session_path(name: str) -> Path:
     """Where `mlxllama chat --session NAME` keeps a conversation: sessions/ beside the prompt cache."""
-    from .engine.disk import default_folder
+    from .engine.disk import sessions_folder
 
     if not SESSION_NAME.match(name or ""):
         raise InputError(f"a session name is letters, digits, '.', '_' and '-' (up to 100), got {name!r}")
-    return default_folder().parent / "sessions" / f"{name}.safetensors"
+    return sessions_folder() / f"{name}.safetensors"
 
 
 class ChatSession:

@@ -173,3 +173,19 @@ def test_bad_kv_settings(tiny):
         mlxllama.generate(model, tokenizer, "hi", kv_bits=3)
     with pytest.raises(mlxllama.MlxllamaError, match="group size"):
         mlxllama.generate(model, tokenizer, "hi", kv_bits=4, kv_group_size=16)
+
+
+@pytest.mark.slow
+def test_real_model_kv8_equals_float_single_and_batched(default_model_dir):
+    model, tokenizer = mlxllama.load(default_model_dir)
+    questions = ["What is the capital of France?", "Name three colours.", "What is 2 + 2?"]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=True,
+                                             add_generation_prompt=True) for q in questions]
+    float_text = [mlxllama.generate(model, tokenizer, p, max_tokens=16) for p in prompts]
+    assert "Paris" in float_text[0]
+    assert [mlxllama.generate(model, tokenizer, p, max_tokens=16, kv_bits=8) for p in prompts] == float_text
+    assert mlxllama.batch_generate(model, tokenizer, prompts, max_tokens=16, kv_bits=8) == float_text
+    cache = PrefixCache()
+    assert mlxllama.batch_generate(model, tokenizer, prompts[:1], max_tokens=16, prefix_cache=cache) == float_text[:1]
+    assert mlxllama.batch_generate(model, tokenizer, prompts[:1], max_tokens=16, prefix_cache=cache) == float_text[:1]
+    assert cache.hits == 1

@@ -45,18 +45,31 @@ def cache_list():
         click.echo(f"{human(size):>9}  {n:>7} tokens  {meta.get('mlxllama_cache_kind', '?'):<7}  {when}  "
                    f"{meta.get('model', '?')}  {path.name}")
     click.echo(f"{len(entries)} entries, {human(total)} in {folder}")
+    from ..engine.disk import sessions_folder
+
+    sessions = sorted(sessions_folder().glob("*.safetensors")) if sessions_folder().is_dir() else []
+    for path in sessions:
+        click.echo(f"{human(path.stat().st_size):>9}  session {path.stem}")
+    if sessions:
+        click.echo(f"{len(sessions)} chat sessions in {sessions_folder()}")
 
 
 @cache_command.command("clear")
-def cache_clear():
-    """Removes every entry."""
-    from ..engine.disk import default_folder, evict_folder
+@click.option("--sessions", is_flag=True, help="Also remove the saved chat sessions.")
+def cache_clear(sessions):
+    """Removes every entry (and, with --sessions, the saved chat sessions)."""
+    from ..engine.disk import default_folder, evict_folder, sessions_folder
 
     folder = default_folder()
     removed = evict_folder(folder, 0)
     for tmp in folder.glob(".tmp-*") if folder.is_dir() else []:
         tmp.unlink(missing_ok=True)
     click.echo(f"removed {len(removed)} entries from {folder}")
+    if sessions and sessions_folder().is_dir():
+        gone = list(sessions_folder().glob("*.safetensors"))
+        for path in gone:
+            path.unlink(missing_ok=True)
+        click.echo(f"removed {len(gone)} chat sessions from {sessions_folder()}")
 
 
 @click.command("cache-prompt")

@@ -40,6 +40,7 @@ class Output:
     logprobs: mx.array | None  # (V,) after the sequence's processors; None when not asked for
     text: str  # new text
     finish_reason: str | None  # "stop", "length" or None while running
+    cached_tokens: int = 0  # prompt tokens of this sequence that came from the prefix cache
 
 
 @dataclass
@@ -256,7 +257,7 @@ class BatchEngine:
                 continue
             row.generated.append(token)
             text, reason = row.stream.add(token)
-            out.append(Output(row.uid, token, lp, text, reason))
+            out.append(Output(row.uid, token, lp, text, reason, row.cached))
             if reason is not None:
                 self._remember(row)
                 row.done = finished = True

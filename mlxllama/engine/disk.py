@@ -32,6 +32,11 @@ def default_folder() -> Path:
     return Path(os.environ.get("MLXLLAMA_PROMPT_CACHE") or cache_home() / "prompt-cache").expanduser()
 
 
+def sessions_folder() -> Path:
+    """Where `mlxllama chat --session NAME` keeps conversations: sessions/ beside the prompt cache."""
+    return default_folder().parent / "sessions"
+
+
 def _common(a: Sequence[int], b: Sequence[int], limit: int) -> int:
     n = 0
     for x, y in zip(a[:limit], b):

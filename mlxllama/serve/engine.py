@@ -289,12 +289,11 @@ class Engine:
 
     def _deliver(self, outputs) -> None:
         """Turns the engine's outputs into events for their requests."""
-        cached = {s.uid: s.cached for s in self._core.sequences()}
         for out in outputs:
             job = self._jobs.get(out.uid)
             if job is None or job.cancelled.is_set():
                 continue
-            job.cached_tokens = cached.get(out.uid, job.cached_tokens)
+            job.cached_tokens = out.cached_tokens
             job.completion_tokens += out.token >= 0
             lps = []
             k = job.request.logprobs
