@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlxllama  # noqa: F401  (first: the optimized BLAS before mlx.core)
     import mlx.core as mx
-    from mlxllama.hub import default_model_path, resolve_model
+    from mlxllama.resolve import default_model_path, resolve_model
     from mlxllama.serve import model_id_for
 
     model_dir = resolve_model(args.model) if args.model else default_model_path()

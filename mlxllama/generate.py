@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import mlx.core as mx
 from .engine.batch import padding_mask  # noqa: F401  (re-exported: part of the public module)
 from .engine.text import StopMatcher, TextStream  # noqa: F401
 from .errors import InputError
+from .memory import peak_memory_gb
 from .models import Model, make_cache
 from .models.cache import QuantizedKVCache, check_kv_quantization, maybe_quantize
 from .sample import Processor, Sampler, make_logits_processors, make_sampler
@@ -30,14 +30,6 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop", "length" or None while running
     from_draft: bool = False
-
-
-def peak_memory_gb() -> float:
-    peak = mx.get_peak_memory()
-    if peak == 0:  # backends without an allocator count: the process's peak RSS
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = rss if sys.platform == "darwin" else rss * 1024
-    return peak / 1e9
 
 
 def context_length(model) -> int | None:

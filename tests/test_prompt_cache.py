@@ -228,13 +228,14 @@ def test_cli_bad_cache_input(tiny_dir, tmp_path):
     good = tmp_path / "sys.safetensors"
     r = cli("cache-prompt", "-m", tiny_dir, "-p", "a system prompt", "-o", good)
     assert r.returncode == 0 and good.is_file(), r.stderr
-    r = cli("generate", "-m", tiny_dir, "--prompt-cache-file", good, "-p", "go on", "-n", "3")
+    r = cli("generate", "--model", tiny_dir, "--prompt-cache-file", good, "-p", "go on", "-n", "3")
     assert r.returncode == 0, r.stderr
     truncated = tmp_path / "cut.safetensors"
     truncated.write_bytes(good.read_bytes()[:1500])
-    for args in (["-m", other, "--prompt-cache-file", good], ["-m", tiny_dir, "--prompt-cache-file", truncated],
-                 ["-m", tiny_dir, "--prompt-cache-file", tmp_path / "missing.safetensors"],
-                 ["-m", tiny_dir, "--kv-bits", "3"], ["-m", tiny_dir, "--kv-bits", "4", "--kv-group-size", "16"]):
+    for args in (["--model", other, "--prompt-cache-file", good],
+                 ["--model", tiny_dir, "--prompt-cache-file", truncated],
+                 ["--model", tiny_dir, "--prompt-cache-file", tmp_path / "missing.safetensors"],
+                 ["--model", tiny_dir, "--kv-bits", "3"], ["--model", tiny_dir, "--kv-bits", "4", "--kv-group-size", "16"]):
         r = cli("generate", *args, "-p", "hello", "-n", "2")
         assert one_error_line(r), (args, r.stderr)
     blocker = tmp_path / "file"

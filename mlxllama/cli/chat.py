@@ -6,41 +6,76 @@ import sys
 
 import click
 
-from .options import (kv_kwargs, kv_options, load_draft, model_options, prompt_cache_options, sampling_kwargs,
-                      sampling_options, session_prefix_cache)
+from .options import (Distributed, apply_m_flag, kv_kwargs, kv_options, load_draft, mlx_lm_m_option, model_options,
+                      parallel_option, prompt_cache_options, sampling_kwargs, sampling_options, session_prefix_cache)
 
-HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+HELP = "Commands: /help shows this, /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+COMMANDS_HELP = """/help          this list
+/reset         forget the conversation (the system prompt stays)
+/exit, /quit   leave (Ctrl-D too)
+Ctrl-C         stop the answer being written
+Any other line starting with / is refused rather than sent to the model; start a line with // to send
+one that begins with /."""
 
 
 @click.command("chat")
-@model_options
+@model_options(short_m=False)
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
 @kv_options
 @prompt_cache_options
 @click.option("--session", default=None,
               help="Keep the conversation (and its KV cache) under this name; the same name resumes it later.")
-def chat_command(model, adapter_path, dtype, system_prompt, session, **opts):
+@mlx_lm_m_option
+@parallel_option
+def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeout, **opts):
     """Chat with a model in the terminal."""
+    model = apply_m_flag(model, opts)
+    dist = Distributed.start(dist_timeout)
+    if dist is None:
+        return repl(model, adapter_path, dtype, system_prompt, opts, None, None)
+    with dist.errors():
+        repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel)
+        dist.finish()
+
+
+def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
     from ..chat import ChatSession, session_path
+    from ..errors import InputError
     from ..loader import load
 
     kwargs = sampling_kwargs(opts)
     kv = kv_kwargs(opts)
-    path = session_path(session) if session is not None else None
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    chat = ChatSession(llm, tokenizer, system_prompt=system_prompt, draft_model=load_draft(opts["draft_model"]),
-                       prefix_cache=session_prefix_cache(llm, tokenizer, opts), session=path, **kwargs, **kv)
-    if len(chat.messages) > (1 if system_prompt else 0) and path is not None:
-        click.echo(f"[resumed session {session!r}: {len(chat.messages)} messages]", err=True)
+    name = opts["session"]
+    path = session_path(name) if name is not None else None
+    if dist is not None and path is not None:
+        raise InputError("--session is not available with several ranks (each holds part of the KV cache)")
+    if dist is not None:
+        dist.check(kwargs, opts["draft_model"])
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+        llm = dist.watch(llm)
+        kwargs = dist.sampling(kwargs)
+    else:
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    prefix_cache = session_prefix_cache(llm, tokenizer, opts) if dist is None else None
+    session = ChatSession(llm, tokenizer, system_prompt=system_prompt, draft_model=load_draft(opts["draft_model"]),
+                          prefix_cache=prefix_cache, session=path, **kwargs, **kv)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    click.echo(HELP, err=True)
+    def say(message: str) -> None:  # rank 0 speaks for all
+        if dist is None or dist.rank == 0:
+            click.echo(message, err=True)
+
+    say(HELP)
+    if path is not None and len(session.messages) > (1 if system_prompt else 0):
+        say(f"[resumed session {name!r}: {len(session.messages)} messages]")
     while True:
         try:
-            line = input(">> ")
+            line = input(">> ") if dist is None else dist.read_line(">> ")
+            if line is None:
+                raise EOFError
         except EOFError:
             click.echo("")
             return
@@ -53,11 +88,19 @@ def chat_command(model, adapter_path, dtype, system_prompt, session, **opts):
         if text in ("/exit", "/quit"):
             return
         if text == "/reset":
-            chat.reset()
-            click.echo("[conversation cleared]", err=True)
+            session.reset()
+            say("[conversation cleared]")
+            continue
+        if text == "/help":
+            say(COMMANDS_HELP)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
+            say(f"unknown command {text.split()[0]}; /help lists the commands")
             continue
         try:
-            for piece in chat.send(text):
+            for piece in session.send(text):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:

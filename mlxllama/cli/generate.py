@@ -7,7 +7,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import kv_kwargs, kv_options, load_draft, model_options, sampling_kwargs, sampling_options
+from .options import (Distributed, apply_m_flag, kv_kwargs, kv_options, load_draft, mlx_lm_m_option, model_options,
+                      parallel_option, sampling_kwargs, sampling_options)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool):
@@ -22,7 +23,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 
 
 @click.command("generate")
-@model_options
+@model_options(short_m=False)
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
@@ -31,14 +32,18 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 @kv_options
 @click.option("--prompt-cache-file", type=click.Path(), default=None,
               help="Continue from a prompt cache made by `mlxllama cache-prompt` (or mlx_lm.cache_prompt).")
+@mlx_lm_m_option
+@parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
 def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, prompt_cache_file,
-                     verbose, **opts):
+                     verbose, parallel, dist_timeout, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
-    from ..generate import batch_generate, print_stats, stream_generate
+    from ..generate import batch_generate
     from ..loader import load
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts] or []
+    model = apply_m_flag(model, opts)
+    dist = Distributed.start(dist_timeout)
+    prompts = [(dist.read_stdin() if dist else sys.stdin.read()) if p == "-" else p for p in prompts] or []
     if not prompts:
         raise InputError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
     for p in prompts:
@@ -48,19 +53,32 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
-    kv = kv_kwargs(opts)
+    kwargs.update(kv_kwargs(opts))
     if prompt_cache_file is not None:
         import os
 
         if not os.path.isfile(prompt_cache_file):
             raise InputError(f"--prompt-cache-file not found: {prompt_cache_file}")
+        if len(prompts) > 1 or dist is not None:
+            raise InputError("--prompt-cache-file continues one prompt in one process: pass --prompt once")
+    if dist is not None:
+        dist.check(kwargs, opts["draft_model"])
         if len(prompts) > 1:
-            raise InputError("--prompt-cache-file continues one prompt: pass --prompt once")
+            raise InputError("one prompt at a time with several ranks")
+        with dist.errors():
+            llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+            llm = dist.watch(llm)
+            kwargs = dist.sampling(kwargs)
+            _stream(llm, tokenizer, build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template),
+                    None, kwargs, verbose and dist.rank == 0)
+            dist.finish()
+        return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     if prompt_cache_file is not None:
         from ..engine.prompt_file import continuation_tokens, load_cache_file
 
-        kwargs["prompt_cache"] = load_cache_file(llm, tokenizer, prompt_cache_file, kv["kv_bits"], kv["kv_group_size"])
+        kwargs["prompt_cache"] = load_cache_file(llm, tokenizer, prompt_cache_file, kwargs["kv_bits"],
+                                                 kwargs["kv_group_size"])
         encoded = [continuation_tokens(tokenizer, prompts[0], system_prompt, not ignore_chat_template)]
     else:
         encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
@@ -68,17 +86,24 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     if len(encoded) > 1:
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
                               top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
-                              seed=kwargs["seed"], stop=kwargs["stop"], **kv)
+                              seed=kwargs["seed"], stop=kwargs["stop"], kv_bits=kwargs["kv_bits"],
+                              kv_group_size=kwargs["kv_group_size"], quantized_kv_start=kwargs["quantized_kv_start"])
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
             click.echo(text)
         return
 
-    draft = load_draft(opts["draft_model"])
+    _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), kwargs, verbose)
+
+
+def _stream(llm, tokenizer, prompt, draft, kwargs: dict, verbose: bool) -> None:
+    from ..generate import print_stats, stream_generate
+
     last = None
-    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, **kwargs, **kv):
+    for last in stream_generate(llm, tokenizer, prompt, draft_model=draft, **kwargs):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the stats on stderr, so they start on a line of their own
     if verbose and last is not None:
         print_stats(last, file=sys.stderr)

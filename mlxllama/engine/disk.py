@@ -27,7 +27,7 @@ DEFAULT_MAX_BYTES = 2 << 30
 
 def default_folder() -> Path:
     """$MLXLLAMA_PROMPT_CACHE, else prompt-cache/ in the user cache ($MLXLLAMA_HOME or ~/.cache/mlxllama)."""
-    from ..hub import cache_home
+    from ..paths import cache_home
 
     return Path(os.environ.get("MLXLLAMA_PROMPT_CACHE") or cache_home() / "prompt-cache").expanduser()
 
