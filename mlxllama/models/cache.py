@@ -232,13 +232,8 @@ class QuantizedKVCache:
         self.offset = end
         return tuple(a[..., :end, :] for a in self.keys), tuple(a[..., :end, :] for a in self.values)
 
-    def trim(self, n: int) -> int:
-        n = min(self.offset, n)
-        self.offset -= n
-        return n
-
-    def is_trimmable(self) -> bool:
-        return True
+    trim = KVCache.trim
+    is_trimmable = KVCache.is_trimmable
 
     @property
     def state(self):
