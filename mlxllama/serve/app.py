@@ -61,7 +61,7 @@ class Settings:
 
 def error_response(e: APIError, path: str = "") -> JSONResponse:
     """The error in the shape of the dialect the path belongs to (OpenAI's unless Anthropic's or Ollama's)."""
-    headers = {"Retry-After": "1"} if e.status == 429 else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     if path.startswith("/v1/messages"):
@@ -224,15 +224,21 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_max_tokens: int = 512, default_temperature: float = 0.0,
                allowed_hosts: list[str] | None = None, served_model_names: list[str] | None = None,
-               accept_any_model: bool = False, allowed_origins: list[str] | None = None) -> Starlette:
+               accept_any_model: bool = False, allowed_origins: list[str] | None = None, prefix_cache=None,
+               kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
+               max_kv_bytes: int | None = None) -> Starlette:
     """The ASGI app for one loaded model; the engine thread runs while the app is up.
 
     allowed_hosts: Host header names accepted (None: any). A server on a loopback address should
     accept only loopback names, so a web page cannot reach it through DNS rebinding.
     served_model_names: the names requests may use for the model (default: model_id); the first
     is the one responses carry. accept_any_model: take any name as this model.
-    allowed_origins: web origins allowed to call the API from a browser (CORS); None: no CORS headers."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    allowed_origins: web origins allowed to call the API from a browser (CORS); None: no CORS headers.
+    prefix_cache: an engine.PrefixCache reused across requests (None: every prompt read whole);
+    kv_bits, kv_group_size, quantized_kv_start: a quantized KV cache; max_kv_bytes: the KV budget."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache,
+                    kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                    max_kv_bytes=max_kv_bytes)
     names = ModelNames(served_model_names or [model_id], accept_any_model)
     h = Handlers(engine, model, tokenizer,
                  Settings(names, api_key, max_body_bytes, default_max_tokens, default_temperature))

@@ -9,11 +9,12 @@ from typing import Any
 from .engine import Done, TokenLogprob
 
 
-def usage(done: Done | list[Done]) -> dict[str, int]:
+def usage(done: Done | list[Done]) -> dict[str, Any]:
     """Usage of a request: its prompt once, the tokens of all its choices."""
     dones = done if isinstance(done, list) else [done]
     prompt, completion = dones[0].prompt_tokens, sum(d.completion_tokens for d in dones)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": dones[0].cached_tokens}}
 
 
 class Formatter:

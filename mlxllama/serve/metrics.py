@@ -22,6 +22,8 @@ class Metrics:
         self.requests = Counter("mlxllama_http_requests", "HTTP requests answered, by route, method and status",
                                 ["route", "method", "status"], registry=r)
         self.prompt_tokens = Counter("mlxllama_prompt_tokens", "Prompt tokens read (once per choice)", registry=r)
+        self.cached_tokens = Counter("mlxllama_cached_prompt_tokens", "Prompt tokens reused from the prefix cache",
+                                     registry=r)
         self.generated_tokens = Counter("mlxllama_generated_tokens", "Tokens generated", registry=r)
         self.finished = Counter("mlxllama_choices_finished", "Choices finished, by finish reason", ["reason"], registry=r)
         self.prefill_speed = Histogram("mlxllama_prefill_tokens_per_second", "Prompt tokens per second of prefill",
@@ -36,6 +38,7 @@ class Metrics:
     def done(self, d: Done) -> None:
         self.prompt_tokens.inc(d.prompt_tokens)
         self.generated_tokens.inc(d.completion_tokens)
+        self.cached_tokens.inc(d.cached_tokens)
         self.finished.labels(d.finish_reason).inc()
         if d.prompt_seconds > 0:
             self.prefill_speed.observe(d.prompt_tokens / d.prompt_seconds)

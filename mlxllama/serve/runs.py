@@ -10,7 +10,7 @@ from typing import AsyncIterator
 
 from starlette.requests import Request
 
-from .engine import Delta, Done, Engine, Failed, GenRequest, Job, QueueFull, TokenLogprob
+from .engine import Delta, Done, Engine, Failed, GenRequest, Job, KVBudgetFull, QueueFull, TokenLogprob
 from .schemas import APIError
 
 
@@ -44,10 +44,14 @@ class Run:
         try:
             for r in requests:
                 jobs.append(engine.submit(r, loop))
-        except QueueFull as e:
+        except (QueueFull, KVBudgetFull) as e:
             for job in jobs:
                 job.cancel()
-            raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded", type="requests") from None
+            if isinstance(e, QueueFull):
+                raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded", type="requests") from None
+            if e.never:
+                raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            raise APIError(503, str(e), code="kv_cache_full", type="server_error") from None
         return cls(jobs, request, on_done)
 
     async def events(self) -> AsyncIterator[tuple[int, Delta | Done | Failed]]:
