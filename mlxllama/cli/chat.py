@@ -15,13 +15,13 @@ HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl
 @model_options
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
-def chat_command(model, adapter_path, dtype, system_prompt, **opts):
+def chat_command(model, adapter_path, dtype, dense, system_prompt, **opts):
     """Chat with a model in the terminal."""
     from ..chat import ChatSession
     from ..loader import load
 
     kwargs = sampling_kwargs(opts)
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, dense=dense)
     session = ChatSession(llm, tokenizer, system_prompt=system_prompt,
                           draft_model=load_draft(opts["draft_model"]), **kwargs)
     try:

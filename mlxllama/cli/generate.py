@@ -29,7 +29,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @sampling_options
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
-def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, **opts):
+def generate_command(model, adapter_path, dtype, dense, prompts, system_prompt, ignore_chat_template, verbose, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
     from ..generate import batch_generate, print_stats, stream_generate
     from ..loader import load
@@ -44,7 +44,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, dense=dense)
     encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
 
     if len(encoded) > 1:

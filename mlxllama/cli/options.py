@@ -6,6 +6,9 @@ import click
 
 
 def model_options(f):
+    f = click.option("--dense", is_flag=True, default=None,
+                     help="CPU: run quantized layers as dense float32 copies (faster long prompts, about 8x the "
+                          "memory of 4-bit weights; default: the native quantized kernel when built).")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)

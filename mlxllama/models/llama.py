@@ -164,7 +164,7 @@ def apply_rope_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing all of `layers` (same input) by stacking their output rows; None when
     they cannot be stacked (a LoRA wrapper, different quantization, bias on some only)."""
-    kinds = {type(m) for m in layers}
+    kinds = {nn.QuantizedLinear if isinstance(m, nn.QuantizedLinear) else type(m) for m in layers}
     if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear):
         return None
     has_bias = {"bias" in m for m in layers}

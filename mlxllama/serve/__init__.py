@@ -39,13 +39,13 @@ def is_loopback(host: str) -> bool:
 def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
           max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 1.0,
-          dtype: str | None = None, log_level: str = "info") -> None:
+          dtype: str | None = None, dense: bool | None = None, log_level: str = "info") -> None:
     """Loads the model and serves it until interrupted."""
     import uvicorn
 
     from ..loader import load
 
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, dense=dense)
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
     app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
