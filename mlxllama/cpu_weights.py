@@ -20,6 +20,14 @@ from mlx.utils import tree_unflatten
 
 from . import kernels
 
+_prefer_dense = False  # set by the CLI's --dense for the process
+
+
+def prefer_dense(value: bool = True) -> None:
+    """Makes dense the CPU form for loads that do not choose (dense=None), as `--dense` does."""
+    global _prefer_dense
+    _prefer_dense = value
+
 
 def dense_fits(model: nn.Module, budget_fraction: float = 0.25) -> bool:
     """Whether float32 copies of the quantized layers fit in a quarter of RAM."""
@@ -72,6 +80,8 @@ def choose(model: nn.Module, dense: bool | None, dtype: mx.Dtype, train: bool = 
     if not has_quantized(model):
         return "quantized"
     on_cpu = mx.default_device() == mx.cpu and dtype == mx.float32
+    if dense is None and _prefer_dense:
+        dense = True
     if dense:
         return "dense"
     if not on_cpu:

@@ -98,7 +98,7 @@ def terminal_questions():
               help="One JSON object per answer: answer, no_answer, evidence {source, start, end, text}, score, chunks.")
 @qa_options
 @click.option("--verbose", "-v", is_flag=True, help="Also print tokens processed and seconds per answer.")
-def qa_command(model, adapter_path, dtype, dense, question, contexts, questions, interactive, as_json, verbose, **opts):
+def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, **opts):
     """Answer QUESTION from the text in --context, citing where the answer is."""
     from ..loader import load
     from ..qa import QASession, read_context
@@ -107,7 +107,7 @@ def qa_command(model, adapter_path, dtype, dense, question, contexts, questions,
     if interactive and "-" in contexts:
         raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
     docs = read_context(contexts)
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, dense=dense)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     session = QASession(llm, tokenizer, docs, **qa_kwargs(opts))
     several = len(qs) > 1 or interactive
 
@@ -149,14 +149,14 @@ def qa_command(model, adapter_path, dtype, dense, question, contexts, questions,
 @click.option("--predictions", type=click.Path(), default=None, help="Write every prediction to this JSONL file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Print each prediction as it is made.")
-def eval_qa_command(model, adapter_path, dtype, dense, data, limit, predictions, as_json, verbose, **opts):
+def eval_qa_command(model, adapter_path, dtype, data, limit, predictions, as_json, verbose, **opts):
     """Score answers on a JSONL dev set ({id, context, question, answers}): SQuAD exact match and F1,
     no-answer accuracy, answers per second."""
     from ..loader import load
     from ..qa.metrics import evaluate, read_dataset
 
     items = read_dataset(data)[:limit]
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, dense=dense)
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
 
     def progress(i, p):
         if verbose:
