@@ -168,3 +168,19 @@ def test_default_model_same_greedy_tokens_as_dense(default_model_dir):
             out.append(int(token))
         tokens[dense] = out
     assert tokens[True] == tokens[None]
+
+
+def test_dense_flag_on_the_cli(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from mlxllama.cli import cli
+
+    path = write_model(tmp_path / "q", quantize={"group_size": 32, "bits": 4})
+    forms = []
+    real = cpu_weights.choose
+    monkeypatch.setattr(cpu_weights, "choose", lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
+    monkeypatch.setattr(cpu_weights, "_prefer_dense", False)
+    for flag in ([], ["--dense"]):
+        r = CliRunner().invoke(cli, ["generate", "--model", str(path), *flag, "-p", "hi", "-n", "2"])
+        assert r.exit_code == 0, r.output
+    assert forms == ["kernel" if kernels.available() else "dense", "dense"]
