@@ -187,6 +187,9 @@ class Distributed:
         mx.synchronize()
         self.d.broadcast_int(0, self.group)
         self.watchdog.pause()
+        import time
+
+        time.sleep(0.3)  # let the ring's own threads finish their last transfers before any rank exits
 
     def watch(self, model):
         return self.d.watched(model, self.watchdog)
