@@ -87,8 +87,11 @@ def _fetcher(gguf: GGUFFile, info: GGUFTensorInfo, packed: bool, heads: int | No
             raise WeightsError(f"{gguf.path}: cannot read tensor {info.name} ({info.type}): {e}") from None
         finally:
             del raw
-        if heads is not None:
-            arrays = [unpermute(a, heads) for a in arrays]
-        return [mx.array(np.ascontiguousarray(a)) for a in arrays]
+        out = []
+        while arrays:  # one numpy array alive beside its MLX copy at a time
+            a = arrays.pop(0)
+            out.append(mx.array(np.ascontiguousarray(unpermute(a, heads) if heads is not None else a)))
+            del a
+        return out
 
     return fetch
