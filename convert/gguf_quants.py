@@ -23,8 +23,8 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 GROUP = 32
 EXACT_BITS = {"Q4_0": 4, "Q4_1": 4, "Q5_0": 5, "Q5_1": 5, "Q8_0": 8, "Q4_K": 4, "Q5_K": 5}
 # bits of the MLX group-32 re-quantization per type, measured in docs/converting.md
-REQUANT_BITS = {"Q6_K": 8, "Q3_K": 4, "Q2_K": 4, "IQ4_NL": 5, "IQ4_XS": 5, "IQ3_XXS": 4, "IQ3_S": 4,
-                "IQ2_XXS": 3, "IQ2_XS": 3, "IQ2_S": 3}
+REQUANT_BITS = {"Q6_K": 8, "Q3_K": 5, "Q2_K": 4, "IQ4_NL": 6, "IQ4_XS": 6, "IQ3_XXS": 5, "IQ3_S": 5,
+                "IQ2_XXS": 5, "IQ2_XS": 5, "IQ2_S": 5}
 FLOAT = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 _CHUNK = 1 << 20  # values per step when converting big tensors (bounds the temporaries)
 
