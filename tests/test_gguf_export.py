@@ -1,0 +1,110 @@
+"""export-gguf: MLX folder -> GGUF -> MLX folder is exact for 4-, 5- and imported 8-bit weights; llama.cpp
+(llama-cpp-python, when installed) loads the file and its greedy tokens match ours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlxllama._platform  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as T
+
+from gguf_tiny import float_weights, write_gguf
+from mlxllama.convert import convert, export_gguf
+from mlxllama.convert.gguf_reader import GGUFFile
+from mlxllama.errors import ConversionError
+from test_gguf import load_dense, tiny_file
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (5, 32), (8, 64)])
+def test_round_trip(tmp_path, bits, group):
+    tiny_file(tmp_path / "f.gguf", "F16")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", bits=bits, group_size=group, progress=False)
+    export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    g = GGUFFile(tmp_path / "out.gguf")
+    want = {4: "Q4_1", 5: "Q5_1", 8: "Q8_0"}[bits]
+    assert {t.type for t in g.tensors if len(t.shape) == 2} == {want}
+    assert g.metadata["tokenizer.ggml.model"] == "gpt2" and "tokenizer.chat_template" in g.metadata
+    convert(tmp_path / "out.gguf", tmp_path / "back", progress=False)
+    a, b = load_dense(tmp_path / "mlx"), load_dense(tmp_path / "back")
+    assert set(a) == set(b)
+    for k in a:
+        if bits == 8 and a[k].ndim == 2:  # Q8_0 is llama.cpp's symmetric rounding of the 8-bit values
+            assert np.abs(a[k] - b[k]).max() <= 0.01 * np.abs(a[k]).max(), k
+        else:
+            assert np.array_equal(a[k], b[k]), k
+    # gguf-py reads our blocks as the same values (MLX computed them in float16: its rounding)
+    t = next(t for t in g.tensors if t.name == "blk.0.ffn_down.weight")
+    ref = quants.dequantize(np.array(g.data(t)), T[t.type])
+    w = a["model.layers.0.mlp.down_proj.weight"]
+    assert np.abs(ref - w).max() <= (0.01 if bits == 8 else 1e-3) * np.abs(w).max()
+
+
+def test_exported_tokenizer_matches(tmp_path):
+    tiny_file(tmp_path / "f.gguf", "Q4_0")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", progress=False)
+    export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    a, b = GGUFFile(tmp_path / "f.gguf").metadata, GGUFFile(tmp_path / "out.gguf").metadata
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "tokenizer.ggml.eos_token_id", "llama.rope.freq_base", "llama.attention.head_count_kv"):
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    assert list(a["tokenizer.ggml.token_type"]) == list(b["tokenizer.ggml.token_type"])
+
+
+def test_export_refuses_existing_and_leaves_nothing(tmp_path):
+    tiny_file(tmp_path / "f.gguf", "Q8_0")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", progress=False)
+    (tmp_path / "out.gguf").write_text("x")
+    with pytest.raises(ConversionError, match="already exists"):
+        export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "export-gguf", str(tmp_path / "nope"), "-o",
+                        str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fuse_help_mentions_export():
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "fuse", "--help"], capture_output=True, text=True)
+    assert "--export-gguf" in r.stdout
+
+
+# ---------------------------------------------------------------- llama.cpp (skipped without llama-cpp-python)
+
+TEXTS = ["The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+         "Water boils at 100 degrees Celsius at sea level. At higher altitudes, water boils at"]
+
+
+def ours_next_tokens(folder, tokens: list[int]) -> np.ndarray:
+    from mlxllama import load
+
+    model, _ = load(str(folder))
+    return np.array(model(mx.array([tokens])).astype(mx.float32)[0].argmax(-1))
+
+
+def llama_cpp_next_tokens(path, tokens: list[int]) -> np.ndarray:
+    llama_cpp = pytest.importorskip("llama_cpp")
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)]).argmax(-1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_our_export(default_model_dir, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from mlxllama import load
+
+    export_gguf(default_model_dir, tmp_path / "m.gguf")
+    _, tok = load(str(default_model_dir))
+    agree = total = 0
+    for text in TEXTS:
+        tokens = tok.encode(text)
+        a, b = ours_next_tokens(default_model_dir, tokens), llama_cpp_next_tokens(tmp_path / "m.gguf", tokens)
+        agree, total = agree + int((a == b).sum()), total + len(tokens)
+    assert agree >= total - 2, f"{agree} of {total} next tokens agree"
