@@ -81,6 +81,11 @@ def open_gguf(path: Path, keep_float: bool = False) -> Source:
 def _fetcher(gguf: GGUFFile, info: GGUFTensorInfo, packed: bool, heads: int | None):
     def fetch() -> list[mx.array]:
         raw = gguf.data(info)
+        if info.type in ("F16", "BF16"):  # as they are, without a float32 copy
+            a = mx.array(np.ascontiguousarray(raw).view(np.uint16).reshape(info.shape))
+            del raw
+            a = a.view(mx.float16 if info.type == "F16" else mx.bfloat16)
+            return [unpermute(a, heads) if heads is not None else a]
         try:
             arrays = list(repack(raw, info.type, info.shape)) if packed else [dequantize(raw, info.type, info.shape)]
         except ValueError as e:
