@@ -16,23 +16,14 @@ from gguf.constants import GGMLQuantizationType as T
 from mlxllama.convert.gguf_config import permute
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS, VOCAB = 256, 512, 2, 4, 2, 320
-TEXT = ("the quick brown fox jumps over the lazy dog. then the dog sleeps in the sun, "
-        "and the fox runs into the green forest where other foxes live. ") * 4
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
 
 
 def byte_level_vocab() -> tuple[list[str], list[str], list[int]]:
-    """(tokens, merges, token types) of a byte-level BPE trained on TEXT to exactly VOCAB tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """(tokens, merges, token types) of the test byte-level BPE with exactly VOCAB tokens."""
+    from test_convert import SPECIALS, byte_level_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT] * 20, trainer=trainer)
-    spec = json.loads(tok.to_str())
+    spec = json.loads(byte_level_tokenizer(VOCAB).to_str())
     tokens = [t for t, _ in sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])]
     merges = [" ".join(m) if isinstance(m, list) else m for m in spec["model"]["merges"]]
     return tokens, merges, [3 if t in SPECIALS else 1 for t in tokens]

@@ -27,6 +27,7 @@ from mlxllama.convert import convert
 from mlxllama.convert.gguf_config import hf_module, unpermute
 from mlxllama.convert.gguf_quants import EXACT_BITS, REQUANT_BITS, repack
 from mlxllama.errors import UnsupportedModelError, WeightsError
+from test_convert import _gguf_tensor_type_offset
 
 ERROR_BOUND = {8: 0.01, 6: 0.03, 5: 0.06, 4: 0.08}
 EXACT = sorted(EXACT_BITS)
@@ -183,26 +184,6 @@ def test_qwen2_with_biases(tmp_path):
 
 # ---------------------------------------------------------------- bad files: one line, nothing written
 
-def _tensor_field_offset(path: Path, name: str) -> int:
-    """Offset of tensor `name`'s type field in the header."""
-    from mlxllama.convert.gguf_reader import _Reader
-
-    r = _Reader(path.read_bytes(), path)
-    r.pos = 8
-    n_tensors, n_kv = r.take("<Q"), r.take("<Q")
-    for _ in range(n_kv):
-        r.string()
-        r.value(r.take("<I"))
-    for _ in range(n_tensors):
-        tname = r.string()
-        n_dims = r.take("<I")
-        r.pos += 8 * n_dims
-        if tname == name:
-            return r.pos
-        r.pos += 12
-    raise KeyError(name)
-
-
 def _refused(tmp_path, data: bytes, exc, match):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(data)
@@ -219,7 +200,7 @@ def test_bad_files(tmp_path):
     _refused(tmp_path, data[:-4000], WeightsError, "truncated GGUF file .*points past the end")
     _refused(tmp_path, data[:1000], WeightsError, "truncated GGUF file .*header ends early")
     _refused(tmp_path, b"GGML" + data[4:], WeightsError, "not a GGUF file")
-    off = _tensor_field_offset(tmp_path / "m.gguf", "blk.1.ffn_up.weight")
+    off = _gguf_tensor_type_offset(tmp_path / "m.gguf", "blk.1.ffn_up.weight")
     d = bytearray(data)
     d[off:off + 4] = struct.pack("<I", 99)
     _refused(tmp_path, bytes(d), WeightsError, "blk.1.ffn_up.weight has unknown GGML type 99")
