@@ -2,7 +2,8 @@
 
 - byte-level BPE (tokenizer.json): "gpt2" with the vocabulary, merges and a pre-tokenizer name that
   llama.cpp knows (smollm, llama-bpe, qwen2 or gpt-2, read from the pre-tokenizer's shape);
-- a sentencepiece tokenizer.model: "llama" with its pieces, scores and token types.
+- a sentencepiece tokenizer.model: "llama" with its pieces, scores and token types; without one, a
+  sentencepiece-style BPE tokenizer.json (byte fallback) as "llama" with scores that rank its merges.
 Special added tokens become control tokens, other added tokens user-defined ones.
 """
 
@@ -65,6 +66,26 @@ def _gpt2(spec: dict) -> dict:
             "merges": merges}
 
 
+def _spm_from_json(spec: dict) -> dict:
+    """A sentencepiece-style BPE tokenizer.json (byte fallback, Metaspace): scores rank the merges."""
+    vocab, n_merges = _gpt2(spec), len(spec["model"].get("merges", []))
+    tokens, types, merges = vocab["tokens"], vocab["types"], vocab["merges"]
+    scores = [-float(n_merges + i) for i in range(len(tokens))]
+    index = {t: i for i, t in enumerate(tokens)}
+    for rank, m in enumerate(merges):
+        merged = index.get(m.replace(" ", "", 1) if " " in m else m)
+        if merged is not None and scores[merged] < -n_merges:
+            scores[merged] = -float(rank)
+    for i, t in enumerate(tokens):
+        if types[i] == NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types[i] = BYTE
+    unk = spec["model"].get("unk_token")
+    if unk in index:
+        types[index[unk]] = UNKNOWN
+    prefix = '"prepend_scheme": "never"' not in json.dumps(spec.get("pre_tokenizer"))
+    return {"model": "llama", "tokens": tokens, "types": types, "scores": scores, "add_space_prefix": prefix}
+
+
 def _sentencepiece(path: Path) -> dict:
     import sentencepiece as spm
 
@@ -84,11 +105,13 @@ def vocab_metadata(folder: Path, config: dict) -> dict:
     model = spec.get("model", {})
     if (folder / "tokenizer.model").is_file() and model.get("byte_fallback", True):
         vocab = _sentencepiece(folder / "tokenizer.model")
+    elif model.get("type") == "BPE" and model.get("byte_fallback"):
+        vocab = _spm_from_json(spec)
     elif model.get("type") == "BPE" and not model.get("byte_fallback") and "ByteLevel" in json.dumps(spec):
         vocab = _gpt2(spec)
     else:
-        raise UnsupportedModelError(f"{folder}: only byte-level BPE tokenizer.json or a sentencepiece "
-                                    "tokenizer.model can be written to GGUF")
+        raise UnsupportedModelError(f"{folder}: only BPE tokenizers (byte-level, or sentencepiece-style with "
+                                    "byte fallback) can be written to GGUF")
     index = {t: i for i, t in enumerate(vocab["tokens"])}
     gen = _read(folder / "generation_config.json")
     for key in ("bos", "eos", "pad", "unk"):
@@ -114,6 +137,8 @@ def add_vocab(writer, vocab: dict) -> None:
         writer.add_token_merges(vocab["merges"])
     if "scores" in vocab:
         writer.add_token_scores(vocab["scores"])
+    if "add_space_prefix" in vocab:
+        writer.add_add_space_prefix(vocab["add_space_prefix"])
     for key, add in (("bos_id", writer.add_bos_token_id), ("eos_id", writer.add_eos_token_id),
                      ("pad_id", writer.add_pad_token_id), ("unk_id", writer.add_unk_token_id)):
         if key in vocab:
