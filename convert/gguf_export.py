@@ -32,6 +32,11 @@ Q8_CHOICES = ("q8_0", "f16")
 def unpack(words: np.ndarray, bits: int, cols: int) -> np.ndarray:
     """MLX packed uint32 (rows, cols * bits / 32) -> levels (rows, cols) uint8."""
     rows = words.shape[0]
+    if bits == 8:
+        return np.ascontiguousarray(words).view(np.uint8).reshape(rows, cols)
+    if bits == 4:
+        b = np.ascontiguousarray(words).view(np.uint8).reshape(rows, cols // 2, 1)
+        return np.concatenate([b & 0x0F, b >> 4], axis=2).reshape(rows, cols)
     p = 8 // math.gcd(8, bits)
     nbytes = p * bits // 8
     b = np.ascontiguousarray(words).view(np.uint8).reshape(rows, cols // p, nbytes)
