@@ -46,7 +46,7 @@ def timed(code: str, *args: str) -> tuple[float, int]:
 
 def f16_source(work: Path) -> Path:
     from mlxllama.convert import convert, export_gguf, fetch_default_gguf
-    from mlxllama.hub import cache_home
+    from mlxllama.paths import cache_home
 
     f16 = work / "SmolLM2-135M-Instruct-F16.gguf"
     if not f16.is_file():

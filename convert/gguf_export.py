@@ -122,7 +122,7 @@ def _module_spec(config: dict, module: str) -> dict | None:
 def export_gguf(model: str | os.PathLike | None, out: str | os.PathLike, *, q8: str = "q8_0",
                 force: bool = False) -> Path:
     """Write the MLX model folder `model` (or the default model for None) as the GGUF file `out`."""
-    from mlxllama.hub import resolve_model
+    from mlxllama.resolve import resolve_model
     from mlxllama.loader import load_weights, read_json, weight_files
 
     if q8 not in Q8_CHOICES:

@@ -11,7 +11,16 @@ import mlxllama  # noqa: F401  (first: it loads the optimized BLAS before anythi
 
 
 def _cache_home() -> Path:
-    return Path(os.environ.get("MLXLLAMA_HOME") or Path.home() / ".cache" / "mlxllama").expanduser()
+    from mlxllama.paths import cache_home
+
+    return cache_home()
+
+
+@pytest.fixture(autouse=True)
+def _prompt_cache_folder(tmp_path_factory, monkeypatch):
+    """Commands that keep a prompt cache on disk (qa, chat) write to a fresh folder per test,
+    never to the user's cache (subprocesses inherit it)."""
+    monkeypatch.setenv("MLXLLAMA_PROMPT_CACHE", str(tmp_path_factory.mktemp("prompt-cache") / "prompt-cache"))
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """The HTTP side: a Starlette app with the OpenAI routes, the API key check and body limits.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health. Every error is answered with the OpenAI body
-{"error": {"message", "type", "param", "code"}}; no request can stop the server.
+GET /health, POST /v1/qa (qa_route.py), and the chat page at / (web.py). Every error is answered
+with the OpenAI body {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 """
 
 from __future__ import annotations
@@ -25,10 +25,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Delta, Done, Engine, Job, QueueFull, TokenLogprob
+from .engine import Delta, Done, Engine, Job, KVBudgetFull, QueueFull, TokenLogprob
 from .formats import Formatter
 from .prompts import gen_request
+from .qa_route import QARoute
 from .schemas import APIError, parse_chat, parse_completion
+from .web import page_routes
 
 log = logging.getLogger("mlxllama.serve")
 
@@ -47,7 +49,7 @@ class Settings:
 
 
 def error_response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 429 else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -127,6 +129,10 @@ class Handlers:
             job = self.engine.submit(gen, asyncio.get_running_loop())
         except QueueFull as e:
             raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded", type="requests") from None
+        except KVBudgetFull as e:
+            if e.never:
+                raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            raise APIError(503, str(e), code="kv_cache_full", type="server_error") from None
         fmt = Formatter(kind, self.settings.model_id, self.tokenizer, parsed.logprobs)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         if parsed.stream:
@@ -224,14 +230,20 @@ class HostCheck:
 def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_max_tokens: int = 512, default_temperature: float = 1.0,
-               allowed_hosts: list[str] | None = None) -> Starlette:
+               allowed_hosts: list[str] | None = None, prefix_cache=None, kv_bits: int | None = None,
+               kv_group_size: int = 64, quantized_kv_start: int = 0, max_kv_bytes: int | None = None) -> Starlette:
     """The ASGI app for one loaded model; the engine thread runs while the app is up.
 
     allowed_hosts: Host header names accepted (None: any). A server on a loopback address should
-    accept only loopback names, so a web page cannot reach it through DNS rebinding."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    accept only loopback names, so a web page cannot reach it through DNS rebinding.
+    prefix_cache: an engine.PrefixCache reused across requests (None: every prompt read whole);
+    kv_bits, kv_group_size, quantized_kv_start: a quantized KV cache; max_kv_bytes: the KV budget."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache,
+                    kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                    max_kv_bytes=max_kv_bytes)
     h = Handlers(engine, model, tokenizer,
                  Settings(model_id, api_key, max_body_bytes, default_max_tokens, default_temperature))
+    qa = QARoute(h)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -239,6 +251,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         try:
             yield
         finally:
+            qa.close()
             await run_in_threadpool(engine.stop)
 
     routes = [
@@ -247,6 +260,8 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         Route("/v1/models/{model_id:path}", h.model_info, methods=["GET"]),
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/qa", qa.handle, methods=["POST"]),
+        *page_routes(),
     ]
     middleware = [Middleware(HostCheck, allowed=allowed_hosts)] if allowed_hosts else []
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
