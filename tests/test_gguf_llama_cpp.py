@@ -9,14 +9,14 @@ import ctypes
 import pytest
 
 from mlxllama.convert import convert, export_gguf
-from test_gguf_export import TEXTS, llama_cpp_next_tokens, ours_next_tokens
+from test_gguf_export import TEXTS, llama_cpp_next_tokens, ours_next_tokens, require_llama_cpp
 
 FTYPES = {"Q4_0": 2, "Q4_K_M": 15, "Q5_K_M": 17}
 
 
 @pytest.fixture(scope="module")
 def f16_gguf(default_model_dir, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
+    require_llama_cpp()
     work = tmp_path_factory.mktemp("llama-cpp")
     convert(default_model_dir, work / "float", dequantize=True, dtype="float16", progress=False)
     export_gguf(work / "float", work / "f16.gguf")
