@@ -137,6 +137,7 @@ class ScriptedModel:
         self.start = tokenizer.encode("<|im_start|>", add_special_tokens=False)[0]
         self.header = len(tokenizer.encode("assistant\n", add_special_tokens=False))
         self.fed: list[int] = []
+        self.eos_logit = 5.0
 
     def make_cache(self):
         return [KVCache()]
@@ -147,7 +148,7 @@ class ScriptedModel:
         n = len(seq) - (last + 1 + self.header)
         if 0 <= n < len(self.script):
             row[self.script[n]] = 10.0
-        row[self.eos] = 5.0
+        row[self.eos] = self.eos_logit
         return row
 
     def __call__(self, tokens, cache):

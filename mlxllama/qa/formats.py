@@ -50,9 +50,15 @@ def decode_text(data: bytes, source: str) -> str:
 def _detected(data: bytes, source: str) -> str:
     from charset_normalizer import from_bytes
 
-    best = from_bytes(data[:1_000_000]).best()
+    matches = from_bytes(data[:1_000_000])
+    best = matches.best()
     if best is None or best.encoding is None:
         raise InputError(f"{source} is a binary file, not text")
+    # Western European text fits several single-byte code pages equally well; like web browsers,
+    # prefer Windows-1252 (a superset of Latin-1's printable range) when it is as good as the best
+    western = [m for m in matches if m.encoding == "cp1252" and m.chaos <= best.chaos + 0.05]
+    if western:
+        best = western[0]
     try:
         return data.decode(best.encoding)
     except (UnicodeDecodeError, LookupError):

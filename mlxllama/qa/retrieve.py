@@ -1,7 +1,7 @@
 """Long documents: chunks on paragraph and heading boundaries with character offsets and the
 heading path they sit under, ranked by BM25 against the question.
 
-BM25 comes from `bm25s`; the terms are lower-cased words without English stopwords, stemmed with
+BM25 comes from `bm25s`; the terms are lower-cased words without English stopwords (bm25s's extended list), stemmed with
 PyStemmer's English Snowball stemmer ("serving" and "serve" are one term), and for
 Chinese/Japanese/Korean text (no spaces between words) single characters plus character bigrams.
 A chunk is indexed with its heading path, so a section is found by its title too.
@@ -164,7 +164,7 @@ _STEMMER = None
 
 def terms(text: str) -> list[str]:
     """BM25 terms: lower-cased, stemmed words minus stopwords; CJK runs as characters and bigrams."""
-    from bm25s.stopwords import STOPWORDS_EN
+    from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
 
     stop = _stopwords(STOPWORDS_EN)
     words: list[str] = []

@@ -422,7 +422,7 @@ def shortest_span(context, constraint, tokens: list[int], eos: int | None, score
     best = max(c[0] for c in candidates)
     lp, n, data = min((c for c in candidates if c[0] >= best - SPAN_MARGIN), key=lambda c: (len(c[2].strip()), -c[0]))
     span = context.locate(data)
-    from bm25s.stopwords import STOPWORDS_EN
+    from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
 
     words = span.text.split(" ")
     for drop in range(1, min(3, len(words) - 1) + 1):  # leading function words: "in 1889" -> "1889"
