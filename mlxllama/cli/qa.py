@@ -152,7 +152,10 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
             click.echo(f"Q: {q}")
             sys.stdout.write("A: ")
         result = session.ask(q, on_text=stream)
-        stream((f" {markers(result)}" if result.citations and not result.no_answer else "") + "\n")
+        # generative answers end with the numbers of the chunks they cite; an extractive answer
+        # stays the exact span on stdout (its chunk is named on stderr)
+        cited = result.citations and not result.no_answer and not result.extractive
+        stream((f" {markers(result)}" if cited else "") + "\n")
         line = cite(result)
         if line:
             click.echo(line, err=True)
