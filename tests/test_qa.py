@@ -20,7 +20,7 @@ from mlxllama.models.cache import KVCache
 from mlxllama.qa import NO_ANSWER, Document, QASession, answer, read_context
 from mlxllama.qa.metrics import exact_match, f1_score, normalize_answer, score_item
 from mlxllama.qa.prompt import is_no_answer
-from mlxllama.qa.retrieve import rank, split_document
+from mlxllama.qa.retrieve import rank, split_sections
 from tinymodels import write_model
 
 DEV_SET = Path(__file__).resolve().parents[1] / "examples" / "qa_dev.jsonl"
@@ -86,19 +86,19 @@ def test_too_large_and_empty_question(tiny):
 # -- chunks and retrieval --------------------------------------------------------------------------
 
 
-def test_chunks_overlap_and_keep_offsets():
+def test_long_paragraphs_are_cut_at_sentence_ends_with_offsets():
     text, _ = needle_document(40)
-    chunks = split_document(Document("doc.txt", text), 400, 100)
+    chunks = split_sections(Document("doc.txt", text), 400)
     assert len(chunks) > 5
     for a, b in zip(chunks, chunks[1:]):
-        assert a.text == text[a.start : a.end]
-        assert b.start < a.end <= b.end  # overlapping, moving forward
+        assert a.text == text[a.start : a.end] and len(a.text) <= 400
+        assert a.end <= b.start and a.text.endswith(".")  # in order, whole sentences
     assert chunks[0].start == 0 and chunks[-1].end == len(text)
 
 
 def test_retrieval_ranks_the_needle_first(tiny):
     text, needle = needle_document()
-    chunks = split_document(Document("long.txt", text), 500, 120)
+    chunks = split_sections(Document("long.txt", text), 500)
     best = rank(chunks, "What is the vault access code?")[0]
     assert needle in best.text and best.score > 0
     # end to end: the document does not fit --max-context, so the prompt holds the best chunks
@@ -113,7 +113,7 @@ def test_retrieval_ranks_the_needle_first(tiny):
 
 def test_retrieval_of_chinese_text():
     doc = "。".join(f"第{i}段记录了普通的会议内容" for i in range(60)) + "。金库密码是七三一九。" + "其他内容。" * 40
-    chunks = split_document(Document("zh.txt", doc), 120, 30)
+    chunks = split_sections(Document("zh.txt", doc), 120)
     assert "金库密码" in rank(chunks, "金库密码是什么？")[0].text
 
 

@@ -55,26 +55,6 @@ def _cut(text: str, start: int, end: int) -> int:
     return end
 
 
-def split_document(doc: Document, size: int, overlap: int, index: int = 0) -> list[Chunk]:
-    """Chunks of about `size` characters; each starts `overlap` characters before the previous end
-    (moved forward to a word start), so a passage cut by one boundary is whole in a neighbour."""
-    text, n = doc.text, len(doc.text)
-    size = max(size, 16)
-    overlap = min(max(overlap, 0), size // 2)
-    chunks, start = [], 0
-    while start < n:
-        end = _cut(text, start, start + size)
-        chunks.append(Chunk(doc.source, start, end, text[start:end], index))
-        if end >= n:
-            break
-        nxt = max(end - overlap, start + 1)
-        space = text.find(" ", nxt, end)
-        if overlap and space >= 0:
-            nxt = space + 1
-        start = nxt if nxt < end else end
-    return [c for c in chunks if c.text.strip()]
-
-
 _HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
 _FENCE = re.compile(r"^[ \t]*(```|~~~)")
 _PARAGRAPH = re.compile(r"\n[ \t]*\n")
