@@ -4,6 +4,7 @@ citations, and a question never returned as its answer."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import mlx.core as mx
@@ -161,3 +162,23 @@ def test_generative_answers_cite_the_chunk_and_section(tiny):
     (c,) = result.citations
     assert c["n"] == 1 and c["source"] == "guide.md" and c["heading"] == "Guide > Places"
     assert result.evidence["text"] == "Paris, France"
+
+
+def test_cli_max_context_and_whole(tiny_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mlxllama.cli import cli
+
+    path = tmp_path / "notes.md"
+    path.write_text("# Notes\n\n" + "\n\n".join(f"## Part {i}\n\nItem {i} is stored in room {i}." for i in range(30)))
+
+    def chunks(*args):
+        r = CliRunner().invoke(cli, ["qa", "--model", tiny_dir, "--context", str(path), "--json", "-n", "1",
+                                     "--rerank", "0", *args, "Where is item 7 stored?"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.output)["chunks"]
+
+    small = chunks("--max-context", "400")
+    assert 1 <= len(small) <= 4 and "room 7" in path.read_text()[small[0]["start"] : small[0]["end"]]
+    assert chunks("--max-context", "400", "--whole") == [
+        {"source": str(path), "start": 0, "end": len(path.read_text()), "heading": "", "score": 0.0}]

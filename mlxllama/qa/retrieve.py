@@ -98,20 +98,20 @@ def split_sections(doc: Document, size: int, index: int = 0) -> list[Chunk]:
     text, size = doc.text, max(size, 16)
     chunks: list[Chunk] = []
     cur: list[int] | None = None  # [start, end]
-    cur_heading = ""
+    cur_heading, bare = "", False  # bare: the chunk holds only its heading line so far
 
     def flush() -> None:
         nonlocal cur
-        if cur is not None:
+        if cur is not None and not bare:  # a lone heading is no passage (every chunk names its path)
             chunks.append(Chunk(doc.source, cur[0], cur[1], text[cur[0] : cur[1]], index, heading=cur_heading))
         cur = None
 
     for start, end, heading, is_heading in _blocks(text):
         if is_heading:
             flush()
-            cur, cur_heading = [start, end], heading
+            cur, cur_heading, bare = [start, end], heading, True
             continue
-        if cur is not None and (heading != cur_heading or end - cur[0] > size):
+        if cur is not None and (heading != cur_heading or (end - cur[0] > size and not (bare and end - start <= size))):
             flush()
         if cur is None and end - start > size:  # a long paragraph: sentence-sized pieces of it
             pos = start
@@ -126,6 +126,7 @@ def split_sections(doc: Document, size: int, index: int = 0) -> list[Chunk]:
             cur, cur_heading = [start, end], heading
         else:
             cur[1] = end
+        bare = False
     flush()
     return [replace(c, text=c.text.rstrip(), end=c.start + len(c.text.rstrip())) for c in chunks if c.text.strip()]
 
