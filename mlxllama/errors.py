@@ -31,3 +31,8 @@ class ConversionError(MlxllamaError):
 
 class TrainingError(MlxllamaError):
     """Fine-tuning cannot go on: bad training data, a loss that became NaN, adapters that do not fit."""
+
+
+class ChatTemplateError(InputError):
+    """A conversation the chat template cannot render: refused by the template or by the rules
+    transformers applies (an empty conversation, continue_final_message with a generation prompt)."""

@@ -49,7 +49,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mlxllama")
 def cli():
     """Run, convert, question-answer with, fine-tune and serve Llama-family models on MLX."""
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="mlxllama", standalone_mode=False)
     except MlxllamaError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo("error: " + " ".join(str(e).split()), err=True)  # one line, whatever the message holds
         sys.exit(1)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("\n[interrupted]", err=True)
