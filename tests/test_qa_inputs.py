@@ -142,3 +142,27 @@ def test_cli_refuses_an_encrypted_pdf_in_one_line(tmp_path):
 
 def test_decode_text_keeps_plain_utf8():
     assert decode_text("naïve 北京\r\nline".encode(), "x") == "naïve 北京\nline"
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".pdf", ".html", ".docx"])
+def test_random_bytes_give_text_or_one_line(tmp_path, suffix):
+    """Whatever the bytes, a reader returns text or raises InputError with one line naming the file."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from mlxllama.qa.formats import extract
+
+    path = tmp_path / f"fuzz{suffix}"
+    prefix = {".pdf": b"%PDF-1.4\n", ".docx": b"PK\x03\x04"}.get(suffix, b"")
+
+    @settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.binary(max_size=600))
+    def check(data):
+        try:
+            text = extract(path, prefix + data)
+        except InputError as e:
+            assert "\n" not in str(e) and str(path) in str(e)
+        else:
+            assert isinstance(text, str)
+
+    check()
