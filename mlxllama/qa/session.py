@@ -40,8 +40,8 @@ DEFAULT_MAX_CONTEXT = 1500  # tokens of documents the model reads by default
 # confidence = margin + COVERAGE_WEIGHT * coverage; answer only when it reaches the threshold.
 # Chosen on the tuning split of examples/qa_dev.jsonl for the default 135M model (see docs/qa.md);
 # with larger models try a threshold of 0. None leaves the decision to the model alone.
-COVERAGE_WEIGHT = {"generative": 8.0, "extractive": 8.0}
-NO_ANSWER_THRESHOLD = {"generative": 1.0, "extractive": 1.0}
+COVERAGE_WEIGHT = {"generative": 8.0, "extractive": 10.0}
+NO_ANSWER_THRESHOLD = {"generative": 1.0, "extractive": 3.5}
 # an extractive span is trimmed to the shortest one whose log P(span + EOS) is within this of the best
 SPAN_MARGIN = 1.5
 _SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
