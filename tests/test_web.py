@@ -310,7 +310,7 @@ def add_document(page, name: str, text: str, mime="text/markdown", refused=False
 
 def ask(page, question: str) -> dict:
     page.fill("#question", question)
-    with page.expect_response("**/v1/qa") as response:
+    with page.expect_response("**/v1/qa", timeout=180_000) as response:
         page.press("#question", "Enter")
     page.wait_for_function("() => document.getElementById('docs-status').textContent === ''", timeout=120_000)
     return response.value.json()

@@ -25,6 +25,8 @@ COMMANDS = {
     "fuse": ("lora", "fuse_command"),
     "bench": ("bench", "bench_command"),
     "serve": ("serve", "serve_command"),
+    "cache": ("cache", "cache_command"),
+    "cache-prompt": ("cache", "cache_prompt_command"),
 }
 
 

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import model_options
+from .options import kv_kwargs, kv_options, model_options, prompt_cache_options, session_prefix_cache
 
 
 
@@ -125,6 +125,8 @@ def terminal_questions():
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per answer: answer, no_answer, evidence {source, start, end, text}, score, chunks.")
 @qa_options
+@kv_options
+@prompt_cache_options
 @click.option("--verbose", "-v", is_flag=True, help="Also print tokens processed and seconds per answer.")
 def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, **opts):
     """Answer QUESTION from the text in --context, citing where the answer is."""
@@ -135,8 +137,14 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
     if interactive and "-" in contexts:
         raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
     docs = read_context(contexts)
+    kv = kv_kwargs(opts)
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+<<<<<<< HEAD
     session = QASession(llm, tokenizer, docs, progress=progress_line(), **qa_kwargs(opts))
+=======
+    session = QASession(llm, tokenizer, docs, prefix_cache=session_prefix_cache(llm, tokenizer, opts),
+                        **qa_kwargs(opts), **kv)
+>>>>>>> main
     several = len(qs) > 1 or interactive
 
     def stream(text):
@@ -160,7 +168,8 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
         if line:
             click.echo(line, err=True)
         if verbose:
-            click.echo(f"[{result.prompt_tokens} prompt tokens, {result.generation_tokens} generated, "
+            reused = f", {session.reused_tokens} from the prompt cache" if session.reused_tokens else ""
+            click.echo(f"[{result.prompt_tokens} prompt tokens{reused}, {result.generation_tokens} generated, "
                        f"{result.seconds:.2f} s]", err=True)
         if several and not interactive:
             click.echo("")

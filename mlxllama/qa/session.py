@@ -28,8 +28,9 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import InputError
-from ..generate import context_length, stream_generate
+from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
+from ..models.cache import maybe_quantize
 from .context import ContextLike, as_documents
 from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
@@ -78,7 +79,7 @@ class QASession:
                  max_context: int | None = DEFAULT_MAX_CONTEXT, whole: bool = False, max_tokens: int = 64,
                  top_chunks: int = 4, chunk_tokens: int = 300, rerank: int = 6,
                  no_answer_threshold: float | str | None = "auto",
-                 progress: Callable[[int, int], None] | None = None, **gen_kwargs):
+                 progress: Callable[[int, int], None] | None = None, prefix_cache=None, **gen_kwargs):
         if max_context is not None and max_context < MIN_CHUNK_TOKENS:
             raise InputError(f"max_context must be at least {MIN_CHUNK_TOKENS} tokens, got {max_context}")
         if max_tokens < 1:
@@ -96,6 +97,12 @@ class QASession:
             raise InputError(f"no_answer_threshold must be a number, None or 'auto', got {no_answer_threshold!r}")
         self.no_answer_threshold = no_answer_threshold
         gen_kwargs.pop("max_kv_size", None)  # the document cache must keep every position
+        # the documents' KV state is looked up in, and given to, the prefix cache (with a disk
+        # tier: a later process reads it instead of the documents)
+        self.prefix_cache = prefix_cache
+        check_kv(model, gen_kwargs.get("kv_bits"), gen_kwargs.get("kv_group_size", 64))
+        self.kv = (gen_kwargs.get("kv_bits"), gen_kwargs.get("kv_group_size", 64), gen_kwargs.get("quantized_kv_start", 0))
+        self.reused_tokens = 0  # document tokens of the last question that came from the prefix cache
         # answers copy the documents: drafting from them is the same output, sooner
         gen_kwargs.setdefault("prompt_lookup", DEFAULT_PROMPT_LOOKUP)
         self.gen_kwargs = gen_kwargs
@@ -177,16 +184,39 @@ class QASession:
                 for c in self.cache:
                     c.trim(extra)
             return 0
-        self.cache = make_cache(self.model)
+        self.cache, done = self._from_prefix_cache(doc_tokens)
         self.cached_doc = []
+        bits, group, start = self.kv
         tokens = mx.array(doc_tokens, dtype=mx.int32)
-        for i in range(0, len(doc_tokens), 512):
+        for i in range(done, len(doc_tokens), 512):
             self.model(tokens[i : i + 512][None], cache=self.cache)
+            maybe_quantize(self.cache, bits, group, start)
             mx.eval([c.state for c in self.cache])
             if self.progress:
                 self.progress(min(i + 512, len(doc_tokens)), len(doc_tokens))
         self.cached_doc = list(doc_tokens)
-        return len(doc_tokens)
+        if self.prefix_cache is not None and done < len(doc_tokens):
+            from ..engine import kind_of
+
+            kind = kind_of(getattr(self.cache[0], "bits", None), getattr(self.cache[0], "group_size", 64))
+            self.prefix_cache.insert(doc_tokens, [c.state for c in self.cache], kind)
+        return len(doc_tokens) - done
+
+    def _from_prefix_cache(self, doc_tokens: list[int]) -> tuple[list, int]:
+        """A cache holding as much of the documents as the prefix cache has; how many tokens that is."""
+        self.reused_tokens = 0
+        if self.prefix_cache is None:
+            return make_cache(self.model), 0
+        from ..engine import KVQuant, kind_of
+        from ..engine.batch import caches_from_states
+
+        bits, group, start = self.kv
+        kinds = ("float",) if bits is None else (kind_of(bits, group), "float")
+        hit = self.prefix_cache.lookup(doc_tokens, kinds, keep_last=False)
+        if hit is None:
+            return make_cache(self.model), 0
+        self.reused_tokens = hit.length
+        return caches_from_states(self.model, hit.states, KVQuant(bits, group, start)), hit.length
 
     # -- answering --------------------------------------------------------------------------------
 
