@@ -139,12 +139,8 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
     docs = read_context(contexts)
     kv = kv_kwargs(opts)
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-<<<<<<< HEAD
-    session = QASession(llm, tokenizer, docs, progress=progress_line(), **qa_kwargs(opts))
-=======
     session = QASession(llm, tokenizer, docs, prefix_cache=session_prefix_cache(llm, tokenizer, opts),
-                        **qa_kwargs(opts), **kv)
->>>>>>> main
+                        progress=progress_line(), **qa_kwargs(opts), **kv)
     several = len(qs) > 1 or interactive
 
     def stream(text):
