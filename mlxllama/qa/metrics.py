@@ -59,7 +59,8 @@ def score_item(prediction: str, no_answer: bool, answers: list[str]) -> tuple[fl
 
 
 def read_dataset(path: str | Path) -> list[dict]:
-    """A JSONL file of {id, context, question, answers: [...]} ([] when unanswerable)."""
+    """A JSONL file of {id, context, question, answers: [...]} ([] when unanswerable); `context` is a
+    text or {file name: text} for several documents; an optional `split` names the item's split."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -75,9 +76,12 @@ def read_dataset(path: str | Path) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("context", "question")) \
-                or not isinstance(item.get("answers"), list):
-            raise InputError(f"{path}:{n}: needs string 'context' and 'question' and a list 'answers'")
+        context = item.get("context") if isinstance(item, dict) else None
+        several = isinstance(context, dict) and context and all(isinstance(v, str) for v in context.values())
+        if not isinstance(item, dict) or not (isinstance(context, str) or several) \
+                or not isinstance(item.get("question"), str) or not isinstance(item.get("answers"), list):
+            raise InputError(f"{path}:{n}: needs a 'context' (text, or {{file name: text}}), a string "
+                             "'question' and a list 'answers'")
         item.setdefault("id", str(n))
         items.append(item)
     if not items:
@@ -118,7 +122,8 @@ def evaluate(model, tokenizer, items: list[dict], *, progress: Callable[[int, di
         em, f1 = score_item(result.answer, result.no_answer, item["answers"])
         pred = {"id": item["id"], "question": item["question"], "prediction": result.answer,
                 "no_answer": result.no_answer, "answers": item["answers"], "em": em, "f1": f1,
-                "score": round(result.score, 4), "margin": result.margin}
+                "score": round(result.score, 4), "margin": result.margin, "coverage": result.coverage,
+                "confidence": result.confidence, "seconds": round(result.seconds, 3)}
         preds.append(pred)
         if progress:
             progress(i, pred)
