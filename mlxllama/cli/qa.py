@@ -190,7 +190,8 @@ def eval_qa_command(model, adapter_path, dtype, data, split, limit, predictions,
     """Score answers on a JSONL dev set ({id, context, question, answers}): SQuAD exact match and F1,
     no-answer accuracy, answers per second."""
     from ..loader import load
-    from ..qa.metrics import evaluate, read_dataset
+    from ..qa.evaluate import evaluate
+    from ..qa.metrics import read_dataset
 
     items = read_dataset(data)
     if split is not None:

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import re
 import string
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InputError
 
@@ -104,31 +102,6 @@ class Report:
 
     def summary(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "predictions"}
-
-
-def evaluate(model, tokenizer, items: list[dict], *, progress: Callable[[int, dict], None] | None = None,
-             **qa_kwargs) -> Report:
-    """Answers every item (items with the same context in a row share one QASession, so the
-    document cache is reused) and scores them."""
-    from .session import QASession
-
-    preds, session, session_context = [], None, None
-    tic = time.perf_counter()
-    for i, item in enumerate(items):
-        if session is None or item["context"] != session_context:
-            session = QASession(model, tokenizer, item["context"], **qa_kwargs)
-            session_context = item["context"]
-        result = session.ask(item["question"])
-        em, f1 = score_item(result.answer, result.no_answer, item["answers"])
-        pred = {"id": item["id"], "question": item["question"], "prediction": result.answer,
-                "no_answer": result.no_answer, "answers": item["answers"], "em": em, "f1": f1,
-                "score": round(result.score, 4), "margin": result.margin, "coverage": result.coverage,
-                "confidence": result.confidence, "seconds": round(result.seconds, 3)}
-        preds.append(pred)
-        if progress:
-            progress(i, pred)
-    seconds = time.perf_counter() - tic
-    return summarize(preds, seconds)
 
 
 def summarize(preds: list[dict], seconds: float) -> Report:
