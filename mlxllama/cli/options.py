@@ -83,6 +83,54 @@ def load_draft(path):
     return load_model(path, fuse=True)[0]
 
 
+def kv_options(f):
+    f = click.option("--quantized-kv-start", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="With --kv-bits: quantize the KV cache once it holds this many positions.")(f)
+    f = click.option("--kv-group-size", type=int, default=64, show_default=True,
+                     help="With --kv-bits: values per quantization group (32, 64 or 128).")(f)
+    f = click.option("--kv-bits", type=int, default=None,
+                     help="Store the KV cache quantized to 4 or 8 bits (default: full precision).")(f)
+    return f
+
+
+def kv_kwargs(o: dict) -> dict:
+    """The KV settings, checked (a bad value is one line naming the allowed ones)."""
+    from ..errors import InputError
+    from ..models.cache import check_kv_quantization
+
+    try:
+        check_kv_quantization(o["kv_bits"], o["kv_group_size"])
+    except ValueError as e:
+        raise InputError(str(e).replace("kv bits", "--kv-bits").replace("kv group size", "--kv-group-size")) from None
+    return dict(kv_bits=o["kv_bits"], kv_group_size=o["kv_group_size"], quantized_kv_start=o["quantized_kv_start"])
+
+
+def prompt_cache_options(f):
+    f = click.option("--no-prompt-cache", is_flag=True, help="Neither read nor write the prompt cache.")(f)
+    f = click.option("--prompt-cache-bytes", default="2GB", show_default=True,
+                     help="Most bytes the prompt cache keeps (least recently used entries go first).")(f)
+    return f
+
+
+def cache_bytes(o: dict) -> int:
+    from ..engine.disk import parse_bytes
+    from ..errors import InputError
+
+    try:
+        return parse_bytes(o["prompt_cache_bytes"])
+    except ValueError as e:
+        raise InputError(f"--prompt-cache-bytes: {e}") from None
+
+
+def session_prefix_cache(llm, tokenizer, o: dict):
+    """The disk-backed prefix cache for qa and chat, or None with --no-prompt-cache."""
+    if o["no_prompt_cache"]:
+        return None
+    from ..engine.disk import disk_prefix_cache
+
+    return disk_prefix_cache(llm, tokenizer, cache_bytes(o))
+
+
 def parallel_option(f):
     f = click.option("--dist-timeout", type=click.FloatRange(min=1), default=120.0,
                      help="Under mlx.launch: seconds a rank waits for the others before it stops with an error.")(f)
@@ -149,6 +197,9 @@ class Distributed:
         mx.synchronize()
         self.d.broadcast_int(0, self.group)
         self.watchdog.pause()
+        import time
+
+        time.sleep(0.3)  # let the ring's own threads finish their last transfers before any rank exits
 
     def watch(self, model):
         return self.d.watched(model, self.watchdog)
