@@ -145,19 +145,31 @@ def compute_dtype(weights: dict[str, mx.array], dtype: str | None) -> mx.Dtype:
     return mx.float32
 
 
+def _stack_alias(stack: bool, fuse: bool | None) -> bool:
+    if fuse is None:
+        return stack
+    import warnings
+
+    warnings.warn("load(..., fuse=) is now stack= (fuse means merging LoRA adapters); fuse= goes in the next "
+                  "release", DeprecationWarning, stacklevel=3)
+    return fuse
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     dtype: str | None = None,
     dense: bool | None = None,
     lazy: bool = False,
-    fuse: bool = False,
+    stack: bool = False,
     train: bool = False,
+    fuse: bool | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Builds the model from a folder. dense: how quantized layers run on the CPU (cpu_weights.choose:
     None decides, the native kernel when built; True: float32 copies; False: stay quantized); train=True
-    prefers the dense copies (LoRA's backward pass). fuse=True stacks q/k/v and gate/up
-    (Model.fuse_projections) before anything is evaluated, so the stacked weights are built straight
-    from the file with no second copy."""
+    prefers the dense copies (LoRA's backward pass). stack=True stacks q/k/v and gate/up
+    (Model.stack_projections) before anything is evaluated, so the stacked weights are built straight
+    from the file with no second copy. `fuse` is the old name of `stack` (deprecated)."""
+    stack = _stack_alias(stack, fuse)
     model_dir = resolve_model(path)
     config = load_config(model_dir)
     model_class, args_class = model_classes(config, model_dir / "config.json")
@@ -185,8 +197,8 @@ def load_model(
     form = cpu_weights.choose(model, dense, target, train=train)
     if form == "dense":
         cpu_weights.apply(model, form, target)
-    if fuse and hasattr(model, "fuse_projections"):
-        model.fuse_projections()
+    if stack and hasattr(model, "stack_projections"):
+        model.stack_projections()
     if form == "kernel":  # after fusing: the stacked layers are new modules
         cpu_weights.apply(model, form, target)
     model.weights_form = form
@@ -206,9 +218,10 @@ def load(
     dtype: str | None = None,
     dense: bool | None = None,
     lazy: bool = False,
-    fuse: bool = True,
+    stack: bool = True,
     parallel: str | None = None,
     train: bool = False,
+    fuse: bool | None = None,
 ):
     """Loads (model, tokenizer) from a model folder, a Hugging Face repo id, or the default model.
 
@@ -216,27 +229,29 @@ def load(
     them (see distributed.py) and each rank evaluates only its own slice; in a single process the
     model loads as usual. None: every rank holds the whole model (data-parallel training).
 
-    fuse=True stacks each block's q/k/v and gate/up projections into one matmul each (inference
-    speed; LoRA training un-stacks them itself)."""
+    stack=True stacks each block's q/k/v and gate/up projections into one matmul each (inference
+    speed; LoRA training un-stacks them itself). `fuse` is the old name of `stack` (deprecated;
+    "fuse" now means merging LoRA adapters, as in `mlxllama fuse`)."""
+    stack = _stack_alias(stack, fuse)
     from . import distributed
 
     group = distributed.world() if parallel is not None else None
     if group is not None:
         if adapter_path is not None:
             raise UnsupportedModelError("--adapter-path with several ranks: fuse the adapters first (mlxllama fuse)")
-        model, config = load_model(path, dtype=dtype, dense=dense, lazy=True, fuse=False)
+        model, config = load_model(path, dtype=dtype, dense=dense, lazy=True, stack=False)
         distributed.shard(model, group, parallel)
         mx.eval(model.parameters())
         return model, _tokenizer_for(model, config)
     # with adapters, stack after they are attached (the groups without them), not before and again
-    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse and adapter_path is None,
+    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, stack=stack and adapter_path is None,
                                train=train)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 
         load_adapters(model, adapter_path)
         model.eval()  # the new LoRA layers' dropout: inference here, training is lora.run's business
-        if fuse and hasattr(model, "fuse_projections") and model.fuse_projections():
+        if stack and hasattr(model, "stack_projections") and model.stack_projections():
             if model.weights_form == "kernel":
                 cpu_weights.apply(model, "kernel", mx.float32)
             if not lazy:

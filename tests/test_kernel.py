@@ -91,12 +91,12 @@ def test_gradient_with_respect_to_x_and_compile():
 @needs_kernel
 def test_loader_keeps_quantized_layers_with_the_kernel(tmp_path):
     path = write_model(tmp_path / "q", quantize={"group_size": 32, "bits": 4})
-    model, _ = load_model(path, fuse=True)
+    model, _ = load_model(path, stack=True)
     assert model.weights_form == "kernel"
     kinds = {type(m) for _, m in model.named_modules()}
     assert kernels.KernelQuantizedLinear in kinds and kernels.KernelQuantizedEmbedding in kinds
     assert nn.Linear not in kinds
-    dense, _ = load_model(path, dense=True, fuse=True)
+    dense, _ = load_model(path, dense=True, stack=True)
     assert dense.weights_form == "dense"
     tokens = mx.array([[1, 5, 9, 200, 3, 7]])
     assert np.allclose(np.array(model(tokens)), np.array(dense(tokens)), atol=1e-4)
@@ -114,7 +114,7 @@ def test_lora_wraps_kernel_layers(tmp_path):
     before = np.array(model(tokens))
     apply_lora(model, num_layers=1, rank=4, scale=2.0)  # lora_b starts at zero: same outputs
     assert np.allclose(np.array(model(tokens)), before, atol=1e-5)
-    assert model.fuse_projections() > 0  # groups without adapters still stack (kernel layers included)
+    assert model.stack_projections() > 0  # groups without adapters still stack (kernel layers included)
     assert np.allclose(np.array(model(tokens)), before, atol=1e-5)
 
 

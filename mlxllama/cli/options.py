@@ -80,7 +80,7 @@ def load_draft(path):
         return None
     from ..loader import load_model
 
-    return load_model(path, fuse=True)[0]
+    return load_model(path, stack=True)[0]
 
 
 def kv_options(f):
