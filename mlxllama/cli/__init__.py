@@ -19,6 +19,7 @@ COMMANDS = {
     "chat": ("chat", "chat_command"),
     "convert": ("convert", "convert_command"),
     "models": ("convert", "models_command"),
+    "export-gguf": ("convert", "export_gguf_command"),
     "qa": ("qa", "qa_command"),
     "eval-qa": ("qa", "eval_qa_command"),
     "lora": ("lora", "lora_command"),

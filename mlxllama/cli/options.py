@@ -8,15 +8,25 @@ import click
 
 
 def model_options(f=None, *, short_m: bool = True):
-    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype."""
+    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype, --dense."""
     if f is None:
         return lambda g: model_options(g, short_m=short_m)
+    f = click.option("--dense", is_flag=True, expose_value=False, callback=_dense_flag,
+                     help="CPU: run quantized layers as float32 copies (about 8x the memory of 4-bit weights; "
+                          "default: the native quantized kernel when built).")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
     f = click.option("--model", *(["-m"] if short_m else []), default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
+
+
+def _dense_flag(ctx, param, value):
+    if value:
+        from ..cpu_weights import prefer_dense
+
+        prefer_dense()
 
 
 def sampling_options(f):
@@ -78,7 +88,7 @@ def load_draft(path):
         return None
     from ..loader import load_model
 
-    return load_model(path, fuse=True)[0]
+    return load_model(path, stack=True)[0]
 
 
 def kv_options(f):
@@ -195,6 +205,9 @@ class Distributed:
         mx.synchronize()
         self.d.broadcast_int(0, self.group)
         self.watchdog.pause()
+        import time
+
+        time.sleep(0.3)  # let the ring's own threads finish their last transfers before any rank exits
 
     def watch(self, model):
         return self.d.watched(model, self.watchdog)

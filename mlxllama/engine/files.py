@@ -40,9 +40,12 @@ class CacheFileError(InputError):
 
 
 def _version() -> str:
-    from .. import __version__
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("mlxllama")
+    except PackageNotFoundError:  # a source tree that is not installed
+        return "unknown"
 
 
 def model_identity(model) -> str:

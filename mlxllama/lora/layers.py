@@ -106,7 +106,7 @@ def resolve_keys(keys) -> list[str] | None:
     return out
 
 
-# Projections a fused model (Model.fuse_projections) stacks, by the checkpoint's names of the parts.
+# Projections a fused model (Model.stack_projections) stacks, by the checkpoint's names of the parts.
 FUSED_PARTS = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
@@ -183,8 +183,8 @@ def apply_lora(model: nn.Module, num_layers: int = 16, rank: int = 8, scale: flo
                              f"(a block has: {', '.join(available)})")
     blocks = target_layers(model, num_layers)
     prefix = layers_prefix(model)
-    if hasattr(model, "unfuse_projections"):  # adapters attach to the checkpoint's own projections
-        model.unfuse_projections()
+    if hasattr(model, "unstack_projections"):  # adapters attach to the checkpoint's own projections
+        model.unstack_projections()
     top = dict(model.named_modules())
 
     model.freeze()

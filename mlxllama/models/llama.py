@@ -176,10 +176,10 @@ def apply_rope_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
     return x * cos + rolled * sin
 
 
-def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
+def stack_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing all of `layers` (same input) by stacking their output rows; None when
     they cannot be stacked (a LoRA wrapper, different quantization, bias on some only)."""
-    kinds = {type(m) for m in layers}
+    kinds = {nn.QuantizedLinear if isinstance(m, nn.QuantizedLinear) else type(m) for m in layers}
     if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear):
         return None
     has_bias = {"bias" in m for m in layers}
@@ -194,37 +194,37 @@ def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
             return None
         in_dims = first.weight.shape[1] * 32 // first.bits
         # the constructor's random weights are lazy and replaced before anything evaluates them
-        fused = nn.QuantizedLinear(in_dims, out_dims, bias, first.group_size, first.bits,
+        stacked = nn.QuantizedLinear(in_dims, out_dims, bias, first.group_size, first.bits,
                                     getattr(first, "mode", "affine"))
-        fused.weight = mx.concatenate([m.weight for m in layers])
-        fused.scales = mx.concatenate([m.scales for m in layers])
+        stacked.weight = mx.concatenate([m.weight for m in layers])
+        stacked.scales = mx.concatenate([m.scales for m in layers])
         if first.get("biases") is not None:
-            fused.biases = mx.concatenate([m.biases for m in layers])
+            stacked.biases = mx.concatenate([m.biases for m in layers])
     else:
-        fused = nn.Linear(first.weight.shape[1], out_dims, bias=bias)
-        fused.weight = mx.concatenate([m.weight for m in layers])
+        stacked = nn.Linear(first.weight.shape[1], out_dims, bias=bias)
+        stacked.weight = mx.concatenate([m.weight for m in layers])
     if bias:
-        fused.bias = mx.concatenate([m.bias for m in layers])
-    return fused
+        stacked.bias = mx.concatenate([m.bias for m in layers])
+    return stacked
 
 
-def split_linear(fused: nn.Module, sizes: list[int]) -> list[nn.Module]:
-    """The inverse of fuse_linears: layers with output rows `sizes`, in order."""
+def split_linear(stacked: nn.Module, sizes: list[int]) -> list[nn.Module]:
+    """The inverse of stack_linears: layers with output rows `sizes`, in order."""
     bounds = np.cumsum([0, *sizes]).tolist()
     parts = []
     for lo, hi in zip(bounds, bounds[1:]):
-        if isinstance(fused, nn.QuantizedLinear):
-            in_dims = fused.weight.shape[1] * 32 // fused.bits
-            m = nn.QuantizedLinear(in_dims, hi - lo, "bias" in fused, fused.group_size, fused.bits,
-                                  getattr(fused, "mode", "affine"))
-            m.weight, m.scales = fused.weight[lo:hi], fused.scales[lo:hi]
-            if fused.get("biases") is not None:
-                m.biases = fused.biases[lo:hi]
+        if isinstance(stacked, nn.QuantizedLinear):
+            in_dims = stacked.weight.shape[1] * 32 // stacked.bits
+            m = nn.QuantizedLinear(in_dims, hi - lo, "bias" in stacked, stacked.group_size, stacked.bits,
+                                  getattr(stacked, "mode", "affine"))
+            m.weight, m.scales = stacked.weight[lo:hi], stacked.scales[lo:hi]
+            if stacked.get("biases") is not None:
+                m.biases = stacked.biases[lo:hi]
         else:
-            m = nn.Linear(fused.weight.shape[1], hi - lo, bias="bias" in fused)
-            m.weight = fused.weight[lo:hi]
-        if "bias" in fused:
-            m.bias = fused.bias[lo:hi]
+            m = nn.Linear(stacked.weight.shape[1], hi - lo, bias="bias" in stacked)
+            m.weight = stacked.weight[lo:hi]
+        if "bias" in stacked:
+            m.bias = stacked.bias[lo:hi]
         parts.append(m)
     return parts
 
@@ -246,18 +246,18 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=args.attention_bias)
         self.rope = make_rope(args)
 
-    def fuse(self) -> bool:
+    def stack(self) -> bool:
         """q, k and v projections -> one qkv_proj (one matmul per step instead of three)."""
         if "qkv_proj" in self:
             return False
-        fused = fuse_linears([self.q_proj, self.k_proj, self.v_proj])
-        if fused is None:
+        stacked = stack_linears([self.q_proj, self.k_proj, self.v_proj])
+        if stacked is None:
             return False
         del self.q_proj, self.k_proj, self.v_proj
-        self.qkv_proj = fused
+        self.qkv_proj = stacked
         return True
 
-    def unfuse(self) -> None:
+    def unstack(self) -> None:
         if "qkv_proj" in self:
             self.q_proj, self.k_proj, self.v_proj = split_linear(self.qkv_proj, self._qkv_sizes())
             del self.qkv_proj
@@ -335,18 +335,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(D, F, bias=args.mlp_bias)
         self.down_proj = nn.Linear(F, D, bias=args.mlp_bias)
 
-    def fuse(self) -> bool:
+    def stack(self) -> bool:
         """gate and up projections -> one gate_up_proj."""
         if "gate_up_proj" in self:
             return False
-        fused = fuse_linears([self.gate_proj, self.up_proj])
-        if fused is None:
+        stacked = stack_linears([self.gate_proj, self.up_proj])
+        if stacked is None:
             return False
         del self.gate_proj, self.up_proj
-        self.gate_up_proj = fused
+        self.gate_up_proj = stacked
         return True
 
-    def unfuse(self) -> None:
+    def unstack(self) -> None:
         if "gate_up_proj" in self:
             F = self.gate_up_proj.weight.shape[0] // 2
             self.gate_proj, self.up_proj = split_linear(self.gate_up_proj, [F, F])
@@ -439,17 +439,24 @@ class Model(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def fuse_projections(self) -> int:
+    def stack_projections(self) -> int:
         """Stacks q/k/v and gate/up into one matmul each, for inference (weights unchanged; the
-        parameter names change, so LoRA and saving call unfuse_projections first). Returns how
-        many groups were fused; groups that cannot be (LoRA-wrapped, mixed quantization) stay."""
-        return sum(int(layer.self_attn.fuse()) + int(layer.mlp.fuse()) for layer in self.layers)
+        parameter names change, so LoRA and saving call unstack_projections first). Returns how
+        many groups were stacked; groups that cannot be (LoRA-wrapped, mixed quantization) stay."""
+        return sum(int(layer.self_attn.stack()) + int(layer.mlp.stack()) for layer in self.layers)
 
-    def unfuse_projections(self) -> None:
+    def fuse_projections(self) -> int:
+        """Deprecated name of stack_projections."""
+        import warnings
+
+        warnings.warn("Model.fuse_projections is now stack_projections", DeprecationWarning, stacklevel=2)
+        return self.stack_projections()
+
+    def unstack_projections(self) -> None:
         """Back to the checkpoint's separate q/k/v and gate/up layers (exact)."""
         for layer in self.layers:
-            layer.self_attn.unfuse()
-            layer.mlp.unfuse()
+            layer.self_attn.unstack()
+            layer.mlp.unstack()
 
     def make_cache(self, max_kv_size: int | None = None, keep: int = 4) -> list:
         if max_kv_size is not None:
