@@ -31,3 +31,8 @@ class ConversionError(MlxllamaError):
 
 class TrainingError(MlxllamaError):
     """Fine-tuning cannot go on: bad training data, a loss that became NaN, adapters that do not fit."""
+
+
+class GrammarError(MlxllamaError):
+    """A JSON schema, regex or grammar the grammar engine cannot compile (or uses a feature it does
+    not support), or an option that cannot be combined with constrained decoding."""

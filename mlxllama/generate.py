@@ -214,17 +214,23 @@ def stream_generate(
     num_draft_tokens: int | None = None,
     lookup_context: Sequence[int] | None = None,
     compiled: bool = False,
+    response_format: Any = None,
 ) -> Iterator[GenerationResponse]:
     """Yields a GenerationResponse per token; the last one carries finish_reason.
     lookup_context: tokens before `prompt` that prompt lookup may draft from as well, typically
-    what `prompt_cache` already holds (a document, earlier chat turns)."""
+    what `prompt_cache` already holds (a document, earlier chat turns).
+    response_format: constrains the output (mlxllama.constrain): a JSON schema dict, a Pydantic
+    model class, {"type": "json_object"}, {"type": "regex", "regex": ...}, a Grammar or Constraint."""
     if max_tokens < 0:
         raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
+    constraint = format_processor(tokenizer, response_format, bool(draft_model is not None or prompt_lookup))
     tokens = encode_prompt(tokenizer, prompt)
     check_prompt(model, tokens.size, prompt_cache, max_kv_size)
     sampler = sampler or make_sampler(temp, top_p, top_k, min_p, seed)
     processors = (logits_processors or []) + make_logits_processors(logit_bias, repetition_penalty,
                                                                      repetition_context_size)
+    if constraint is not None:
+        processors.append(constraint)  # last: nothing after it can give a masked token weight again
     if seed is not None:
         mx.random.seed(seed)
     eos = set(tokenizer.eos_token_ids)
@@ -272,6 +278,21 @@ def stream_generate(
         yield record(text, token, logprobs, None, from_draft)
     if n == 0:  # max_tokens == 0
         yield record("", -1, mx.zeros((0,)), "length")
+
+
+def format_processor(tokenizer, response_format: Any, speculative: bool = False) -> Processor | None:
+    """response_format -> the logits processor that enforces it for one sequence, or None."""
+    if response_format is None:
+        return None
+    from .constrain import constraint_for
+    from .errors import GrammarError
+
+    constraint = constraint_for(tokenizer, response_format)
+    if constraint is None:
+        return None
+    if speculative:
+        raise GrammarError("response_format cannot be combined with speculative decoding (draft model or prompt lookup)")
+    return constraint.processor()
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
@@ -323,14 +344,21 @@ def batch_generate(
     stop: Sequence[str] | None = None,
     prefill_step_size: int = 512,
     sampler: Sampler | None = None,
+    response_format: Any = None,
 ) -> list[str]:
-    """Generates for several prompts at once; each stops on its own EOS, stop string or max_tokens."""
+    """Generates for several prompts at once; each stops on its own EOS, stop string or max_tokens.
+    response_format: one format for every prompt, or a list with one per prompt (None: free text)."""
     encoded = [encode_prompt(tokenizer, p).tolist() for p in prompts]
+    formats = list(response_format) if isinstance(response_format, (list, tuple)) else [response_format] * len(encoded)
+    if len(formats) != len(encoded):
+        raise InputError(f"response_format has {len(formats)} entries for {len(encoded)} prompts")
     for toks in encoded:
         check_prompt(model, len(toks), None, None)
+    row_procs = [format_processor(tokenizer, f) for f in formats]
     if not hasattr(model, "make_cache") or "mask" not in model.__call__.__code__.co_varnames:
         return [generate(model, tokenizer, p, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
-                         min_p=min_p, seed=seed, stop=stop) for p in encoded]
+                         min_p=min_p, seed=seed, stop=stop, logits_processors=[q] if q else None)
+                for p, q in zip(encoded, row_procs)]
     greedy = sampler is None and temp == 0
     sampler = sampler or make_sampler(temp, top_p, top_k, min_p, seed)
     B, longest = len(encoded), max(map(len, encoded))
@@ -339,9 +367,24 @@ def batch_generate(
     tokens = mx.array([[pad_id] * (longest - len(t)) + t for t in encoded], dtype=mx.int32)  # (B, L)
     cache = model.make_cache()
 
+    generated: list[list[int]] | None = None  # per row, for the rows' logits processors
+
+    def constrain(x: mx.array, logits: mx.array) -> mx.array:
+        nonlocal generated
+        if generated is None:  # the first step: the histories are the prompts
+            generated = [[] for _ in range(B)]
+        else:
+            for b, tok in enumerate(x[:, -1].tolist()):
+                generated[b].append(tok)
+        rows = [q(mx.array(encoded[b] + generated[b]), logits[b : b + 1]) if q else logits[b : b + 1]
+                for b, q in enumerate(row_procs)]
+        return mx.concatenate(rows, axis=0)
+
     def step(x: mx.array) -> mx.array:
         offset = cache[0].offset
         logits = model(x, cache=cache, mask=padding_mask(pad, offset, x.shape[1]))[:, -1, :]  # (B, V)
+        if any(row_procs):
+            logits = constrain(x, logits)
         if greedy:  # the argmax needs no normalising (B x V exps: ~7 ms a step at B=8 on CPU)
             return mx.argmax(logits, axis=-1)
         return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))  # (B,)
