@@ -7,7 +7,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import load_draft, model_options, sampling_kwargs, sampling_options
+from .options import format_options, load_draft, model_options, response_format, sampling_kwargs, sampling_options
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool):
@@ -28,6 +28,7 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @sampling_options
+@format_options
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
 def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
@@ -41,6 +42,12 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
         if not p.strip():
             raise InputError("the prompt is empty")
     kwargs = sampling_kwargs(opts)
+    fmt = response_format(opts)  # checked before the model loads
+    if fmt is not None and (opts["draft_model"] or kwargs["prompt_lookup"]):
+        from ..errors import GrammarError
+
+        raise GrammarError("--json-schema/--regex/--grammar/--choice cannot be combined with "
+                           "--draft-model or --prompt-lookup")
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
@@ -50,7 +57,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     if len(encoded) > 1:
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
                               top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
-                              seed=kwargs["seed"], stop=kwargs["stop"])
+                              seed=kwargs["seed"], stop=kwargs["stop"], response_format=fmt)
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
             click.echo(text)
@@ -58,7 +65,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
 
     draft = load_draft(opts["draft_model"])
     last = None
-    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, **kwargs):
+    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, response_format=fmt, **kwargs):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")

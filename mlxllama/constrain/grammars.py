@@ -47,8 +47,13 @@ def check(grammar: Grammar, tokenizer=None) -> Grammar:
 
 
 def _one_line(message: str) -> str:
+    """The engine's message on one line: its first line plus the regex parser's "error:" line."""
     lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
-    return "; ".join(lines[:3])
+    if not lines:
+        return "rejected"
+    detail = next((ln for ln in lines[1:] if ln.startswith("error:")), None)
+    first = lines[0].removesuffix("regex parse error:").rstrip(" :")
+    return f"{first}: {detail[len('error:'):].strip()}" if detail else first
 
 
 def schema_of(spec: Any) -> dict:
