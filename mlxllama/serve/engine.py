@@ -23,7 +23,7 @@ import collections
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import mlx.core as mx
 import numpy as np
@@ -45,6 +45,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and k alternatives
     logit_bias: dict[int, float] | None = None
+    constraint: Any = None  # a mlxllama.constrain.Constraint: the output follows its grammar
 
 
 @dataclass
@@ -138,6 +139,7 @@ class Row:
         self.bias = None
         if r.logit_bias:
             self.bias = (mx.array(list(r.logit_bias), dtype=mx.int32), mx.array(list(r.logit_bias.values())))
+        self.constraint = r.constraint.processor() if r.constraint is not None else None
         self.detok = tokenizer.detokenizer
         self.matcher = StopMatcher(r.stop)
         self.eos = eos
@@ -147,7 +149,7 @@ class Row:
     @property
     def individual(self) -> bool:
         """Whether this row is sampled on its own (not by the batch-wide argmax)."""
-        return self.sampler is not None or self.bias is not None
+        return self.sampler is not None or self.bias is not None or self.constraint is not None
 
     def accept(self, token: int) -> tuple[str, str | None]:
         """One generated token -> (text to emit, finish reason or None); as stream_generate does."""
@@ -319,14 +321,14 @@ class Engine:
         self._batch.add(prefill)
         self._rows.extend(rows)
         # The first tokens come from the prefill's last position: handed out now, not a step later.
-        first, logprobs = self._sample(rows, prefill.logits)
+        first, logprobs = self._sample(rows, prefill.logits, None)
         mx.eval(first, logprobs)
         self._inputs = first if self._inputs is None else mx.concatenate([self._inputs, first])
         self._hand_out(rows, first, logprobs)
 
     def _decode(self):
         """Queues one step for every active row; returns (rows, tokens (B,), logprobs (B, V))."""
-        tokens, logprobs = self._sample(self._rows, self._batch.step(self._inputs))
+        tokens, logprobs = self._sample(self._rows, self._batch.step(self._inputs), self._inputs)
         self._inputs = tokens
         wanted = [tokens, *self._batch.state()]
         if any(r.job.request.logprobs is not None for r in self._rows):
@@ -335,8 +337,11 @@ class Engine:
         return list(self._rows), tokens, logprobs
 
     @staticmethod
-    def _sample(rows: list[Row], logits: mx.array) -> tuple[mx.array, mx.array]:
-        """logits (B, V) -> next tokens (B,) and log-probabilities (B, V); greedy rows in one argmax."""
+    def _sample(rows: list[Row], logits: mx.array, fed: mx.array | None) -> tuple[mx.array, mx.array]:
+        """logits (B, V) -> next tokens (B,) and log-probabilities (B, V); greedy rows in one argmax.
+        fed: the tokens (B,) that produced these logits (None after a prefill): constrained rows
+        move their matchers on by them before masking."""
+        fed_ids = fed.tolist() if fed is not None and any(r.constraint for r in rows) else None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, V), lazy: evaluated only if used
         tokens = mx.argmax(logits, axis=-1).astype(mx.int32)  # (B,) the same argmax, without B x V exps
         if any(r.individual for r in rows):
@@ -348,6 +353,10 @@ class Engine:
                 lp = logprobs[i : i + 1]
                 if r.bias is not None:
                     lp = lp.at[:, r.bias[0]].add(r.bias[1].astype(lp.dtype))
+                if r.constraint is not None:
+                    if fed_ids is not None:
+                        r.constraint.advance([fed_ids[i]])
+                    lp = r.constraint.mask(lp)
                 parts.append((r.sampler(lp) if r.sampler else mx.argmax(lp, axis=-1)).astype(mx.int32))
             tokens = mx.concatenate(parts)
         return tokens, logprobs
