@@ -185,6 +185,13 @@ def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: 
             num_draft_tokens=num_draft_tokens, lookup_context=lookup_context, **kwargs,
         )
         return
+    from .constrain.decode import fast_forward_generate_step, find_constraint
+
+    constraint = find_constraint(kwargs.get("logits_processors"))
+    if constraint is not None:  # forced tokens are read in one call with the sampled one
+        for token, logprobs in fast_forward_generate_step(prompt, model, constraint=constraint, **kwargs):
+            yield token, logprobs, False
+        return
     for token, logprobs in generate_step(prompt, model, **kwargs):
         yield token, logprobs, False
 

@@ -248,3 +248,34 @@ def test_cli_bad_constraints_are_one_line(tiny, capsys, args, words):
         main(["generate", "-m", str(tiny[0].model_dir), "-p", "x", *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.startswith("error: ") and words in err and "\n" not in err
+
+
+def test_forced_tokens_skip_the_sampler_and_share_model_calls(tiny):
+    """Between JSON fields the grammar forces the text ('", "second_field_name": '): those tokens
+    are read with the sampled token in one model call."""
+    model, tokenizer = tiny
+
+    class Counting:
+        def __init__(self, inner):
+            self.inner, self.calls = inner, 0
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            return self.inner(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    schema = {"type": "object", "properties": {"first_field_name": {"enum": ["a", "b"]},
+                                               "second_field_name": {"enum": ["c", "d"]}},
+              "required": ["first_field_name", "second_field_name"], "additionalProperties": False}
+    counting = Counting(model)
+    records = list(stream_generate(counting, tokenizer, "x", max_tokens=60, temp=1.0, seed=0,
+                                   response_format=schema))
+    text = "".join(r.text for r in records)
+    jsonschema.validate(json.loads(text), schema)
+    assert records[-1].finish_reason == "stop"
+    assert counting.calls < len(records) / 2  # most of the text was forced
+    forced = [r for r in records if float(r.logprobs[r.token]) == 0.0 and mx.sum(mx.isinf(r.logprobs)).item()
+              == r.logprobs.size - 1]
+    assert forced  # a forced token's distribution is all on that token

@@ -1,0 +1,150 @@
+"""Structured output: what a JSON schema costs and what it buys, in one run.
+
+    python benchmarks/bench_structured.py                  # default model, 6 prompts
+    python benchmarks/bench_structured.py --prompts 20 --max-tokens 128
+
+For the same prompts (each one shows the schema in the prompt, so the unconstrained runs have a
+fair chance) and the same nested schema, it measures:
+
+- grammar compile time: the first compile (builds the tokenizer's tables) and a later one;
+- decode tokens/s of our generate with the schema enforced, and without it;
+- how often the output parses as JSON and validates, for ours constrained, ours unconstrained and
+  mlx-lm (which enforces no schema) on the same model folder.
+
+Greedy decoding throughout. Timings on a shared CPU are noisy: compare the ratios of one run.
+Results go to $OUT (or benchmarks/results/) as structured-<date>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import mlxllama  # noqa: E402  (first: the optimized BLAS before mlx.core)
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 20},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "address": {"type": "object", "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"type": "string", "maxLength": 20},
+        }, "required": ["city", "country"], "additionalProperties": False},
+        "hobbies": {"type": "array", "items": {"type": "string", "maxLength": 16}, "minItems": 1, "maxItems": 3},
+        "employed": {"type": "boolean"},
+    },
+    "required": ["name", "age", "address", "hobbies", "employed"],
+    "additionalProperties": False,
+}
+SUBJECTS = ["a doctor", "a pilot", "a farmer", "a student", "a painter", "a chef", "a teacher", "a baker",
+            "a singer", "a nurse", "a sailor", "a writer", "a judge", "a dancer", "a miner", "a poet",
+            "a tailor", "a driver", "a monk", "a clerk"]
+
+
+def valid(text: str) -> tuple[bool, bool]:
+    """(parses as JSON, validates against SCHEMA)."""
+    import jsonschema
+
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return False, False
+    try:
+        jsonschema.validate(value, SCHEMA)
+    except jsonschema.ValidationError:
+        return True, False
+    return True, True
+
+
+def run_ours(model, tokenizer, prompts, max_tokens, response_format):
+    texts, tokens, seconds = [], 0, 0.0
+    for p in prompts:
+        text, last = "", None
+        for last in mlxllama.stream_generate(model, tokenizer, p, max_tokens=max_tokens,
+                                             response_format=response_format):
+            text += last.text
+        texts.append(text)
+        tokens += last.generation_tokens
+        seconds += last.generation_tokens / last.generation_tps if last.generation_tps else 0.0
+    return texts, tokens / seconds if seconds else 0.0
+
+
+def run_mlx_lm(model_dir, prompts, max_tokens):
+    from mlx_lm import load, stream_generate
+
+    model, tokenizer = load(str(model_dir))
+    texts, tokens, seconds = [], 0, 0.0
+    for p in prompts:
+        text, last = "", None
+        for last in stream_generate(model, tokenizer, p, max_tokens=max_tokens):
+            text += last.text
+        texts.append(text)
+        tokens += last.generation_tokens
+        seconds += last.generation_tokens / last.generation_tps if last.generation_tps else 0.0
+    return texts, tokens / seconds if seconds else 0.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the default model)")
+    ap.add_argument("--prompts", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--no-mlx-lm", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+
+    from mlxllama.constrain import compile_constraint
+
+    model, tokenizer = mlxllama.load(args.model)
+    schema_text = json.dumps(SCHEMA)
+    questions = [f"Describe {SUBJECTS[i % len(SUBJECTS)]} as a JSON object following this JSON schema: {schema_text}"
+                 for i in range(args.prompts)]
+    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                             tokenize=True) for q in questions]
+
+    tic = time.perf_counter()
+    constraint = compile_constraint(tokenizer, "json_schema", SCHEMA)
+    first_compile = time.perf_counter() - tic
+    tic = time.perf_counter()
+    compile_constraint(tokenizer, "json_schema", SCHEMA).matcher()
+    later_compile = time.perf_counter() - tic
+
+    rows = {}
+    texts, tps = run_ours(model, tokenizer, prompts, args.max_tokens, constraint)
+    rows["ours, schema enforced"] = (texts, tps)
+    texts, tps = run_ours(model, tokenizer, prompts, args.max_tokens, None)
+    rows["ours, unconstrained"] = (texts, tps)
+    if not args.no_mlx_lm:
+        rows["mlx-lm, unconstrained"] = run_mlx_lm(model.model_dir, prompts, args.max_tokens)
+
+    lines = [f"model: {model.model_dir.name}, {args.prompts} prompts, max_tokens {args.max_tokens}, greedy",
+             f"grammar compile: first {first_compile * 1000:.0f} ms (builds the token tables), "
+             f"later {later_compile * 1000:.1f} ms",
+             f"{'system':<24} {'decode tok/s':>12} {'parses':>8} {'validates':>10}"]
+    result = {"model": str(model.model_dir), "prompts": args.prompts, "max_tokens": args.max_tokens,
+              "compile_first_s": first_compile, "compile_later_s": later_compile, "systems": {}}
+    for name, (texts, tps) in rows.items():
+        checks = [valid(t) for t in texts]
+        parses, validates = sum(c[0] for c in checks), sum(c[1] for c in checks)
+        lines.append(f"{name:<24} {tps:>12.1f} {parses:>5}/{len(texts):<2} {validates:>7}/{len(texts):<2}")
+        result["systems"][name] = {"decode_tps": tps, "parses": parses, "validates": validates, "outputs": texts}
+    base = rows["ours, unconstrained"][1]
+    if base:
+        ratio = rows["ours, schema enforced"][1] / base
+        lines.append(f"constrained / unconstrained decode speed: {ratio:.2f}x")
+        result["constrained_over_unconstrained"] = ratio
+    print("\n".join(lines))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"structured-{time.strftime('%Y%m%d-%H%M')}.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
