@@ -91,6 +91,20 @@ def test_tool_loop_required_call_then_final_answer(client):
 
 
 @pytest.mark.slow
+def test_auto_gives_text_or_a_valid_call(client):
+    for question in ("What is the weather in Paris?", "Say hello."):
+        r = client.chat.completions.create(model="smol", messages=[{"role": "user", "content": question}],
+                                           tools=[WEATHER], max_tokens=40, temperature=0)
+        message = r.choices[0].message
+        if message.tool_calls:
+            assert r.choices[0].finish_reason == "tool_calls"
+            jsonschema.validate(json.loads(message.tool_calls[0].function.arguments),
+                                WEATHER["function"]["parameters"])
+        else:
+            assert message.content and not message.content.lstrip().startswith("{")
+
+
+@pytest.mark.slow
 def test_named_tool_choice_and_streamed_calls_reassemble(client):
     named = {"type": "function", "function": {"name": "add"}}
     ask = [{"role": "user", "content": "What is 12 plus 30?"}]
