@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--out", default=os.environ.get("OUT") or str(Path(__file__).parent / "results"))
     args = ap.parse_args()
 
+    import mlx.core as mx
+
     from mlxllama.constrain import compile_constraint
 
     model, tokenizer = mlxllama.load(args.model)
@@ -116,6 +118,9 @@ def main() -> None:
         import mlx_lm
 
         peer, peer_tokenizer = mlx_lm.load(str(model.model_dir))
+        if mx.default_device() == mx.cpu:  # the CPU computes in float32, as ours does (half types crawl there)
+            peer.set_dtype(mx.float32)
+            mx.eval(peer.parameters())
         systems["mlx-lm, unconstrained"] = lambda p: timed(mlx_lm.stream_generate(
             peer, peer_tokenizer, p, max_tokens=args.max_tokens))
     runs = {name: [] for name in systems}
