@@ -191,7 +191,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true", help="print the results as JSON too")
     a = p.parse_args()
 
-    from mlxllama.hub import cache_home, default_model_path
+    from mlxllama.paths import cache_home
+    from mlxllama.resolve import default_model_path
 
     model = Path(a.model) if a.model else default_model_path()
     dense = dense_copy(model, cache_home() / "bench" / f"{model.name}-lora-float32")

@@ -40,7 +40,7 @@ def dense_copy(model_dir: Path) -> Path:
     config = json.loads((model_dir / "config.json").read_text())
     if "quantization" not in config and config.get("torch_dtype") == "float32":
         return model_dir
-    from mlxllama.hub import cache_home
+    from mlxllama.paths import cache_home
 
     out = cache_home() / "bench" / f"{model_dir.name}-float32"
     if (out / "config.json").is_file():
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import mlxllama  # noqa: F401  (first: the optimized BLAS before mlx.core)
     import mlx.core as mx
-    from mlxllama.hub import default_model_path, resolve_model
+    from mlxllama.resolve import default_model_path, resolve_model
 
     model_dir = resolve_model(args.model) if args.model else default_model_path()
     if mx.default_device() == mx.cpu and not args.no_dense_copy:

@@ -7,10 +7,11 @@ The output is the layout mlx-lm writes (config.json with "quantization", model*.
 model.safetensors.index.json, tokenizer files, generation_config.json), so it loads in mlx-lm too.
 """
 
-from .default_model import (DEFAULT_MODEL_NAME, build_default_model, build_hf_checkpoint, default_model_path,
-                            fetch_default_gguf)
+from mlxllama.paths import DEFAULT_MODEL_NAME
+
+from .default_model import build_default_model, build_hf_checkpoint, fetch_default_gguf
 from .pipeline import ConvertReport, convert
 from .quantize import BITS, GROUP_SIZES, RECIPES, quantization_error
 
-__all__ = ["convert", "ConvertReport", "build_default_model", "build_hf_checkpoint", "default_model_path",
+__all__ = ["convert", "ConvertReport", "build_default_model", "build_hf_checkpoint",
            "fetch_default_gguf", "DEFAULT_MODEL_NAME", "quantization_error", "BITS", "GROUP_SIZES", "RECIPES"]

@@ -11,12 +11,6 @@ from .checkpoint import open_folder
 from .gguf import open_gguf
 from .source import Source
 
-ALLOW_PATTERNS = ["config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
-                  "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                  "chat_template.jinja", "added_tokens.json", "vocab.json", "merges.txt",
-                  "pytorch_model.bin.index.json"]
-
-
 def resolve(src: str | Path) -> Path:
     """A local file or folder as it is; 'owner/name' that is not a local path is downloaded."""
     path = Path(src).expanduser()
@@ -24,7 +18,7 @@ def resolve(src: str | Path) -> Path:
         return path
     if not is_repo_id(str(src)):
         raise ModelNotFoundError(f"no such file or folder: {src}")
-    return download_repo(str(src), ALLOW_PATTERNS)
+    return download_repo(str(src))
 
 
 def open_source(path: Path) -> Source:

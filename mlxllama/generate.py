@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -11,6 +10,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .errors import InputError
+from .memory import peak_memory_gb
 from .models import make_cache
 from .sample import Processor, Sampler, make_logits_processors, make_sampler
 
@@ -27,14 +27,6 @@ class GenerationResponse:
     peak_memory: float  # GB
     finish_reason: str | None = None  # "stop", "length" or None while running
     from_draft: bool = False
-
-
-def peak_memory_gb() -> float:
-    peak = mx.get_peak_memory()
-    if peak == 0:  # backends without an allocator count: the process's peak RSS
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        peak = rss if sys.platform == "darwin" else rss * 1024
-    return peak / 1e9
 
 
 def context_length(model) -> int | None:

@@ -13,7 +13,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ConfigError, UnsupportedModelError, WeightsError
-from .hub import resolve_model
+from .resolve import resolve_model
 from .models.llama import SUPPORTED_MODEL_TYPES, Model, ModelArgs
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -243,13 +243,26 @@ def load(
     dense: bool | None = None,
     lazy: bool = False,
     fuse: bool = True,
+    parallel: str | None = None,
 ):
     """Loads (model, tokenizer) from a model folder, a Hugging Face repo id, or the default model.
 
+    parallel="tensor" or "pipeline": under mlx.launch with several ranks, the model is split across
+    them (see distributed.py) and each rank evaluates only its own slice; in a single process the
+    model loads as usual. None: every rank holds the whole model (data-parallel training).
+
     fuse=True stacks each block's q/k/v and gate/up projections into one matmul each (inference
     speed; LoRA training un-stacks them itself)."""
-    from .tokenizer import load_tokenizer
+    from . import distributed
 
+    group = distributed.world() if parallel is not None else None
+    if group is not None:
+        if adapter_path is not None:
+            raise UnsupportedModelError("--adapter-path with several ranks: fuse the adapters first (mlxllama fuse)")
+        model, config = load_model(path, dtype=dtype, dense=dense, lazy=True, fuse=False)
+        distributed.shard(model, group, parallel)
+        mx.eval(model.parameters())
+        return model, _tokenizer_for(model, config)
     # with adapters, stack after they are attached (the groups without them), not before and again
     model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse and adapter_path is None)
     if adapter_path is not None:
@@ -259,7 +272,12 @@ def load(
         model.eval()  # the new LoRA layers' dropout: inference here, training is lora.run's business
         if fuse and hasattr(model, "fuse_projections") and model.fuse_projections() and not lazy:
             mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first
+    return model, _tokenizer_for(model, config)
+
+
+def _tokenizer_for(model, config: dict[str, Any]):
+    from .tokenizer import load_tokenizer
+
     eos = config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-    tokenizer = load_tokenizer(model.model_dir, eos_token_ids=eos_ids)
-    return model, tokenizer
+    return load_tokenizer(model.model_dir, eos_token_ids=eos_ids)

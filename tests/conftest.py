@@ -11,7 +11,9 @@ import mlxllama  # noqa: F401  (first: it loads the optimized BLAS before anythi
 
 
 def _cache_home() -> Path:
-    return Path(os.environ.get("MLXLLAMA_HOME") or Path.home() / ".cache" / "mlxllama").expanduser()
+    from mlxllama.paths import cache_home
+
+    return cache_home()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 
 import mlxllama
 from mlxllama.errors import ConfigError, ModelNotFoundError, UnsupportedModelError, WeightsError
-from mlxllama.hub import resolve_model
+from mlxllama.resolve import resolve_model
 from mlxllama.loader import load_model
 from tinymodels import write_model
 

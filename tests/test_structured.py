@@ -217,19 +217,19 @@ def test_cli_json_schema_regex_choice_and_grammar(tiny, tmp_path):
     schema_file = tmp_path / "s.json"
     schema_file.write_text(json.dumps(YES_NO))
     runner = CliRunner()
-    r = runner.invoke(cli, ["generate", "-m", model_dir, "-p", "x", "--temp", "1", "--seed", "3",
+    r = runner.invoke(cli, ["generate", "--model", model_dir, "-p", "x", "--temp", "1", "--seed", "3",
                             "--json-schema", str(schema_file)])
     assert r.exit_code == 0, r.output
     jsonschema.validate(json.loads(r.output), YES_NO)
-    r = runner.invoke(cli, ["generate", "-m", model_dir, "-p", "x", "--json-schema", json.dumps(YES_NO)])
+    r = runner.invoke(cli, ["generate", "--model", model_dir, "-p", "x", "--json-schema", json.dumps(YES_NO)])
     jsonschema.validate(json.loads(r.output), YES_NO)
-    r = runner.invoke(cli, ["generate", "-m", model_dir, "-p", "x", "-n", "10", "--regex", "[a-c]{4}"])
+    r = runner.invoke(cli, ["generate", "--model", model_dir, "-p", "x", "-n", "10", "--regex", "[a-c]{4}"])
     assert re.fullmatch("[a-c]{4}", r.output.strip())
-    r = runner.invoke(cli, ["generate", "-m", model_dir, "-p", "x", "-p", "y", "--choice", "left", "--choice", "right"])
+    r = runner.invoke(cli, ["generate", "--model", model_dir, "-p", "x", "-p", "y", "--choice", "left", "--choice", "right"])
     assert r.exit_code == 0 and all(line in ("left", "right") for line in r.output.split("\n")
                                     if line and not line.startswith("---"))
     (tmp_path / "g.gbnf").write_text('root ::= "n=" [0-9] [0-9]?\n')
-    r = runner.invoke(cli, ["generate", "-m", model_dir, "-p", "x", "-n", "6", "--grammar", str(tmp_path / "g.gbnf")])
+    r = runner.invoke(cli, ["generate", "--model", model_dir, "-p", "x", "-n", "6", "--grammar", str(tmp_path / "g.gbnf")])
     assert re.fullmatch(r"n=[0-9]{1,2}", r.output.strip()), r.output
 
 
@@ -245,7 +245,7 @@ def test_cli_bad_constraints_are_one_line(tiny, capsys, args, words):
     from mlxllama.cli import main
 
     with pytest.raises(SystemExit) as e:
-        main(["generate", "-m", str(tiny[0].model_dir), "-p", "x", *args])
+        main(["generate", "--model", str(tiny[0].model_dir), "-p", "x", *args])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 1 and err.startswith("error: ") and words in err and "\n" not in err
 

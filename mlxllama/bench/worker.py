@@ -16,25 +16,19 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import time
 import traceback
+
+from mlxllama.memory import load_average, rss_peak_gb
 
 RESULT_MARK = "MLXLLAMA-BENCH-RESULT "  # the same in mlxllama/bench/__init__.py (not imported: run as __main__)
 now = time.perf_counter
 
 
-def rss_peak_gb() -> float:
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (rss if sys.platform == "darwin" else rss * 1024) / 1e9
-
-
-def _loadavg():
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:
-        return None
+def _load1():
+    load = load_average()
+    return load[0] if load else None
 
 
 def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -248,7 +242,7 @@ def measure(spec: dict) -> dict:
         out["decode"][str(B)] = B * (N - 1) / max(tN - t1, 1e-9)
     out["peak_memory_gb"] = r.peak_gb()
     out["elapsed_s"] = now() - t0
-    out["load_average_end"] = _loadavg()
+    out["load_average_end"] = _load1()
     return out
 
 

@@ -49,7 +49,7 @@ class LazyGroup(click.Group):
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mlxllama")
 def cli():
     """Run, convert, question-answer with, fine-tune and serve Llama-family models on MLX."""

@@ -6,32 +6,63 @@ import sys
 
 import click
 
-from .options import load_draft, model_options, sampling_kwargs, sampling_options
+from .options import (Distributed, apply_m_flag, load_draft, mlx_lm_m_option, model_options, parallel_option,
+                      sampling_kwargs, sampling_options)
 
-HELP = "Commands: /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+HELP = "Commands: /help shows this, /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
+COMMANDS_HELP = """/help          this list
+/reset         forget the conversation (the system prompt stays)
+/exit, /quit   leave (Ctrl-D too)
+Ctrl-C         stop the answer being written
+Any other line starting with / is refused rather than sent to the model; start a line with // to send
+one that begins with /."""
 
 
 @click.command("chat")
-@model_options
+@model_options(short_m=False)
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
-def chat_command(model, adapter_path, dtype, system_prompt, **opts):
+@mlx_lm_m_option
+@parallel_option
+def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeout, **opts):
     """Chat with a model in the terminal."""
+    model = apply_m_flag(model, opts)
+    dist = Distributed.start(dist_timeout)
+    if dist is None:
+        return repl(model, adapter_path, dtype, system_prompt, opts, None, None)
+    with dist.errors():
+        repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel)
+        dist.finish()
+
+
+def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
     from ..chat import ChatSession
     from ..loader import load
 
     kwargs = sampling_kwargs(opts)
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    if dist is not None:
+        dist.check(kwargs, opts["draft_model"])
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+        llm = dist.watch(llm)
+        kwargs = dist.sampling(kwargs)
+    else:
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     session = ChatSession(llm, tokenizer, system_prompt=system_prompt,
                           draft_model=load_draft(opts["draft_model"]), **kwargs)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    click.echo(HELP, err=True)
+    def say(message: str) -> None:  # rank 0 speaks for all
+        if dist is None or dist.rank == 0:
+            click.echo(message, err=True)
+
+    say(HELP)
     while True:
         try:
-            line = input(">> ")
+            line = input(">> ") if dist is None else dist.read_line(">> ")
+            if line is None:
+                raise EOFError
         except EOFError:
             click.echo("")
             return
@@ -45,7 +76,15 @@ def chat_command(model, adapter_path, dtype, system_prompt, **opts):
             return
         if text == "/reset":
             session.reset()
-            click.echo("[conversation cleared]", err=True)
+            say("[conversation cleared]")
+            continue
+        if text == "/help":
+            say(COMMANDS_HELP)
+            continue
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
+            say(f"unknown command {text.split()[0]}; /help lists the commands")
             continue
         try:
             for piece in session.send(text):

@@ -9,29 +9,45 @@ import click
 
 
 @click.command("convert")
-@click.argument("src")
-@click.option("--output", "-o", "out", required=True, type=click.Path(), help="Output model folder.")
-@click.option("--bits", "-q", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
+@click.argument("src", required=False)
+@click.option("--hf-path", "hf_path", default=None, help="Same as SRC (mlx-lm's spelling).")
+@click.option("--output", "-o", "--mlx-path", "out", default=None, type=click.Path(),
+              help="Output model folder (--mlx-path is mlx-lm's spelling).")
+@click.option("--bits", "--q-bits", type=click.Choice(["2", "3", "4", "5", "6", "8"]), default=None,
               help="Bits per weight (default 4; tensors a GGUF or MLX source already quantized stay as they are "
                    "unless --bits or --group-size is given).")
-@click.option("--group-size", type=click.Choice(["32", "64", "128"]), default=None,
+@click.option("--group-size", "--q-group-size", type=click.Choice(["32", "64", "128"]), default=None,
               help="Quantization group size (default 64).")
+@click.option("--quantize", "-q", is_flag=True,
+              help="Quantize (the default already; accepted as in mlx-lm, where -q turns quantization on).")
 @click.option("--no-quantize", is_flag=True, help="Keep the weights in float.")
-@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]), default=None,
-              help="Mixed precision: more bits for embeddings, head and sensitive projections.")
+@click.option("--recipe", "--quant-predicate", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]),
+              default=None, help="Mixed precision: more bits for embeddings, head and sensitive projections.")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="Dtype of what stays float (default: the checkpoint's).")
-@click.option("--dequantize", is_flag=True, help="Turn a quantized MLX model back into float.")
+@click.option("--dequantize", "-d", is_flag=True, help="Turn a quantized MLX model back into float.")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 500MB.")
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
-def convert_command(src, out, bits, group_size, no_quantize, recipe, dtype, dequantize, max_shard_size, force):
+def convert_command(src, hf_path, out, bits, group_size, quantize, no_quantize, recipe, dtype, dequantize,
+                    max_shard_size, force):
     """Convert a Hugging Face checkpoint (folder or repo id), a .gguf file or an MLX model into a
     (quantized) MLX model folder."""
     from mlxllama.convert import convert
 
-    report = convert(src, out, bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None, quantize=not no_quantize,
-                     dtype=dtype, recipe=recipe, dequantize=dequantize, max_shard_size=max_shard_size,
-                     force=force, progress=True)
+    from ..errors import InputError
+
+    if src and hf_path and src != hf_path:
+        raise InputError(f"two sources given: {src} and --hf-path {hf_path}")
+    src = src or hf_path
+    if not src:
+        raise InputError("no source given: mlxllama convert SRC -o OUT (a folder, a repo id or a .gguf file)")
+    if not out:
+        raise InputError("no output folder given: pass -o OUT (or --mlx-path OUT)")
+    if quantize and no_quantize:
+        raise InputError("--quantize and --no-quantize contradict each other")
+    report = convert(src, out, bits=int(bits) if bits else None, group_size=int(group_size) if group_size else None,
+                     quantize=not no_quantize, dtype=dtype, recipe=recipe, dequantize=dequantize,
+                     max_shard_size=max_shard_size, force=force, progress=True)
     click.echo(f"wrote {report.out}: {report.size_bytes / 1e6:.1f} MB, {report.bits_per_weight:.2f} bits per weight")
 
 
@@ -47,7 +63,7 @@ def describe_quantization(config: dict) -> str:
 @click.command("models")
 def models_command():
     """List the models in the mlxllama cache with their size and quantization."""
-    from ..hub import cache_home
+    from ..paths import cache_home
 
     root = cache_home() / "models"
     rows = []

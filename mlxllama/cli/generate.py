@@ -7,7 +7,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import format_options, load_draft, model_options, response_format, sampling_kwargs, sampling_options
+from .options import (Distributed, apply_m_flag, format_options, load_draft, mlx_lm_m_option, model_options,
+                      parallel_option, response_format, sampling_kwargs, sampling_options)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool):
@@ -22,20 +23,25 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
 
 
 @click.command("generate")
-@model_options
+@model_options(short_m=False)
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as raw text.")
 @sampling_options
 @format_options
+@mlx_lm_m_option
+@parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
-def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, **opts):
+def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, parallel,
+                     dist_timeout, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
-    from ..generate import batch_generate, print_stats, stream_generate
+    from ..generate import batch_generate
     from ..loader import load
 
-    prompts = [sys.stdin.read() if p == "-" else p for p in prompts] or []
+    model = apply_m_flag(model, opts)
+    dist = Distributed.start(dist_timeout)
+    prompts = [(dist.read_stdin() if dist else sys.stdin.read()) if p == "-" else p for p in prompts] or []
     if not prompts:
         raise InputError("no prompt given: pass --prompt TEXT (or --prompt - to read stdin)")
     for p in prompts:
@@ -51,6 +57,18 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
+    if dist is not None:
+        dist.check(kwargs, opts["draft_model"])
+        if len(prompts) > 1:
+            raise InputError("one prompt at a time with several ranks")
+        with dist.errors():
+            llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+            llm = dist.watch(llm)
+            kwargs = dist.sampling(kwargs)
+            _stream(llm, tokenizer, build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template),
+                    None, {**kwargs, "response_format": fmt}, verbose and dist.rank == 0)
+            dist.finish()
+        return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
     encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
 
@@ -63,11 +81,17 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             click.echo(text)
         return
 
-    draft = load_draft(opts["draft_model"])
+    _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), {**kwargs, "response_format": fmt}, verbose)
+
+
+def _stream(llm, tokenizer, prompt, draft, kwargs: dict, verbose: bool) -> None:
+    from ..generate import print_stats, stream_generate
+
     last = None
-    for last in stream_generate(llm, tokenizer, encoded[0], draft_model=draft, response_format=fmt, **kwargs):
+    for last in stream_generate(llm, tokenizer, prompt, draft_model=draft, **kwargs):
         sys.stdout.write(last.text)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    sys.stdout.flush()  # before the stats on stderr, so they start on a line of their own
     if verbose and last is not None:
         print_stats(last, file=sys.stderr)

@@ -74,8 +74,9 @@ def lora_command(config_file, quiet, **options):
 @click.command("fuse")
 @click.option("--model", "-m", default=None, help="The base model folder (default: SmolLM2-135M-Instruct).")
 @click.option("--adapter-path", required=True, help="Folder with adapters.safetensors and adapter_config.json.")
-@click.option("--output", "-o", "output", required=True, help="The new model folder.")
-@click.option("--dequantize", is_flag=True, help="Write float weights instead of quantizing again.")
+@click.option("--output", "-o", "--save-path", "output", required=True,
+              help="The new model folder (--save-path is mlx-lm's spelling).")
+@click.option("--dequantize", "--de-quantize", is_flag=True, help="Write float weights instead of quantizing again.")
 @click.option("--force", is_flag=True, help="Replace --output if it exists.")
 def fuse_command(model, adapter_path, output, dequantize, force):
     """Merge LoRA adapters into the base weights and write a new model folder."""

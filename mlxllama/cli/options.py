@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 
-def model_options(f):
+def model_options(f=None, *, short_m: bool = True):
+    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype."""
+    if f is None:
+        return lambda g: model_options(g, short_m=short_m)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
-    f = click.option("--model", "-m", default=None,
+    f = click.option("--model", *(["-m"] if short_m else []), default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
 
@@ -30,6 +35,26 @@ def sampling_options(f):
                      help="Sampling temperature (0: greedy).")(f)
     f = click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=256, help="Most tokens to generate.")(f)
     return f
+
+
+def mlx_lm_m_option(f):
+    """-m as mlx-lm's generate and chat read it: --max-tokens."""
+    return click.option("-m", "m_flag", default=None, metavar="N",
+                        help="Same as --max-tokens (mlx-lm's spelling). A value that is not a number is taken as "
+                             "--model, with a warning (deprecated).")(f)
+
+
+def apply_m_flag(model, opts: dict):
+    """Resolves -m: a number is --max-tokens (as in mlx-lm); anything else is the model, as -m used to be."""
+    value = opts.pop("m_flag", None)
+    if value is None:
+        return model
+    if value.isdigit():
+        opts["max_tokens"] = int(value)
+        return model
+    click.echo("warning: -m now means --max-tokens, as in mlx-lm; use --model for the model "
+               "(-m MODEL is accepted for one more release)", err=True)
+    return model or value
 
 
 def sampling_kwargs(o: dict) -> dict:
@@ -86,3 +111,87 @@ def response_format(o: dict):
     if o["grammar_file"]:
         return constrain.grammar_file(o["grammar_file"])
     return constrain.choice(list(o["choices"]))
+
+
+def parallel_option(f):
+    f = click.option("--dist-timeout", type=click.FloatRange(min=1), default=120.0,
+                     help="Under mlx.launch: seconds a rank waits for the others before it stops with an error.")(f)
+    return click.option("--parallel", type=click.Choice(["tensor", "pipeline"]), default="tensor",
+                        help="Under mlx.launch with several ranks: split the model by tensor (heads and MLP "
+                             "columns) or by pipeline (runs of blocks).")(f)
+
+
+class Distributed:
+    """What a generating command does differently when it runs as one rank of several."""
+
+    def __init__(self, group, timeout: float):
+        from .. import distributed
+
+        self.group, self.d = group, distributed
+        self.rank = group.rank()
+        distributed.quiet_other_ranks(group)
+        self.watchdog = distributed.Watchdog(self.rank, timeout)
+
+    @classmethod
+    def start(cls, timeout: float) -> "Distributed | None":
+        from .. import distributed
+
+        group = distributed.world()
+        return cls(group, timeout) if group is not None else None
+
+    def check(self, kwargs: dict, draft_model=None) -> None:
+        if kwargs.get("prompt_lookup") or draft_model:
+            raise click.UsageError("speculative decoding (--prompt-lookup, --draft-model) is not available with "
+                                   "several ranks; leave it off")
+
+    def sampling(self, kwargs: dict) -> dict:
+        """The same seed everywhere, and rank 0's token shared each step."""
+        from ..sample import make_sampler
+
+        import random
+
+        seed = kwargs.get("seed")
+        kwargs["seed"] = self.d.broadcast_int(seed if seed is not None else random.randrange(1 << 30), self.group)
+        kwargs["sampler"] = self.d.shared_sampler(
+            make_sampler(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["seed"]), self.group)
+        return kwargs
+
+    def read_stdin(self) -> str:
+        return self.d.broadcast_text(sys.stdin.read() if self.rank == 0 else None, self.group) or ""
+
+    def read_line(self, prompt: str) -> str | None:
+        """rank 0 reads a line (None: end of input); every rank gets it. The watchdog sleeps meanwhile."""
+        self.watchdog.pause()
+        line = None
+        if self.rank == 0:
+            try:
+                line = input(prompt)
+            except EOFError:
+                line = None
+        return self.d.broadcast_text(line, self.group)
+
+    def finish(self) -> None:
+        """Waits for this rank's work in flight, then for the others, before the process ends (a rank
+        that exits with transfers still queued makes the ring backend complain)."""
+        import mlx.core as mx
+
+        self.watchdog.beat()
+        mx.synchronize()
+        self.d.broadcast_int(0, self.group)
+        self.watchdog.pause()
+
+    def watch(self, model):
+        return self.d.watched(model, self.watchdog)
+
+    def errors(self):
+        """Turns a lost peer (MLX's ring backend raises RuntimeError) into one line."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def guard():
+            try:
+                yield
+            except RuntimeError as e:
+                raise self.d.DistributedError(f"rank {self.rank}: {str(e).splitlines()[0]}") from None
+
+        return guard()

@@ -102,8 +102,61 @@ ALIASES = {  # mlx-lm's names
     "lora_layers": "num_layers",
     "warmup_steps": "warmup",
 }
-IGNORED = {"fine_tune_type", "optimizer", "optimizer_config", "lr_schedule", "report_to", "project_name",
-           "trust_remote_code", "clear_cache_threshold", "config", "resume_adapter_file"}
+OFF_VALUES = (None, False, "", 0, [], {})  # an mlx-lm key set to one of these asks for nothing
+
+
+def _mlx_lm_key(name: str, value: Any, out: dict[str, Any], where: str) -> bool:
+    """mlx-lm's YAML keys that are not field names: each either maps onto our options or is refused.
+    Returns False when `name` is not one of them."""
+    def refuse(why: str):
+        raise ConfigError(f"{where}: {name}: {why}")
+
+    if name == "fine_tune_type":
+        if value not in (None, "lora"):
+            refuse(f"{value!r} is not supported (only 'lora')")
+    elif name == "optimizer":
+        kind = str(value).lower() if value is not None else "adamw"
+        if kind == "adam":  # Adam is AdamW without weight decay
+            out.setdefault("weight_decay", 0.0)
+        elif kind != "adamw":
+            refuse(f"{value!r} is not supported (adam or adamw)")
+    elif name == "optimizer_config":
+        if not isinstance(value, dict):
+            refuse("must be a mapping such as {adamw: {weight_decay: 0.01}}")
+        for opt, settings in value.items():
+            for key, v in (settings or {}).items():
+                if key == "weight_decay":
+                    out["weight_decay"] = v
+                else:
+                    raise ConfigError(f"{where}: optimizer_config.{opt}.{key} is not supported (only weight_decay)")
+    elif name == "lr_schedule":
+        if value in OFF_VALUES:
+            return True
+        if not isinstance(value, dict) or value.get("name") != "cosine_decay":
+            refuse("only {name: cosine_decay, warmup: N, arguments: [lr, steps, end_lr]} is supported")
+        args = value.get("arguments") or []
+        if args:
+            out["learning_rate"] = float(args[0])
+        if len(args) >= 3 and float(args[0]) > 0:
+            out["min_lr_ratio"] = float(args[2]) / float(args[0])
+        if value.get("warmup") is not None:
+            out["warmup"] = value["warmup"]
+        if value.get("warmup_init") not in (None, 0, 0.0):
+            refuse("warmup_init is not supported (warm-up starts at 0)")
+    elif name in ("report_to", "project_name", "wandb", "resume_adapter_file", "config", "hf_dataset",
+                  "trust_remote_code", "clear_cache_threshold"):
+        if value not in OFF_VALUES:
+            refuse({"resume_adapter_file": "use --resume (the checkpoint in --adapter-path)",
+                    "report_to": "reporting to external services is not supported",
+                    "wandb": "reporting to external services is not supported",
+                    "project_name": "reporting to external services is not supported",
+                    "hf_dataset": "datasets from the Hugging Face Hub are not supported; use --data DIR",
+                    "config": "nested config files are not supported",
+                    "trust_remote_code": "remote code is never run",
+                    "clear_cache_threshold": "not supported"}[name])
+    else:
+        return False
+    return True
 
 
 def normalize(options: dict[str, Any], where: str) -> dict[str, Any]:
@@ -119,7 +172,7 @@ def normalize(options: dict[str, Any], where: str) -> dict[str, Any]:
                 raise ConfigError(f"{where}: lora_parameters gives alpha; this LoRA (like mlx-lm's) uses scale")
             out.update(normalize({k: v for k, v in value.items() if k != "alpha"}, where))
             continue
-        if name in IGNORED:
+        if _mlx_lm_key(name, value, out, where):
             continue
         if name not in FIELDS:
             raise ConfigError(f"{where}: unknown option {key!r}")

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from ..errors import TrainingError
+from ..errors import InputError, TrainingError
 
 SPLITS = ("train", "valid", "test")
 PAD_MULTIPLE = 8  # batches are padded to a multiple of this many tokens (few distinct shapes, little waste)
@@ -228,12 +228,21 @@ class BatchStream:
     dataset: Dataset
     batch_size: int
     seed: int
+    rank: int = 0  # data parallel: this rank trains on every `ranks`-th example of each batch
+    ranks: int = 1
     plan: list[list[int]] = field(init=False)
     _epoch: int = field(default=-1, init=False)
     _order: np.ndarray | None = field(default=None, init=False)
 
     def __post_init__(self):
+        if self.batch_size % self.ranks:
+            raise InputError(f"--batch-size {self.batch_size} does not split over {self.ranks} ranks "
+                             f"(data parallel: use a multiple of {self.ranks})")
         self.plan = batch_plan(self.dataset, self.batch_size)
+        if self.ranks > 1 and len(self.plan) > 1 and len(self.plan[-1]) < self.ranks:
+            self.plan[-2] += self.plan.pop()  # every rank needs an example of every batch
+        if self.ranks > 1 and len(self.plan[0]) < self.ranks:
+            raise InputError(f"{len(self.dataset)} training examples cannot be split over {self.ranks} ranks")
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -246,7 +255,7 @@ class BatchStream:
         return self.plan[int(self._order[i])]
 
     def __getitem__(self, k: int) -> Batch:
-        return collate([self.dataset.examples[j] for j in self.indices(k)])
+        return collate([self.dataset.examples[j] for j in self.indices(k)[self.rank :: self.ranks]])
 
 
 class Batch(NamedTuple):

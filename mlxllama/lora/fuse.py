@@ -37,7 +37,7 @@ def fuse(model_path: str | os.PathLike | None, adapter_path: str | os.PathLike, 
     """Writes base + adapters to `output` as a model folder; returns its path."""
     from mlxllama.convert.writer import ShardWriter, atomic_output_dir, parse_size, write_json
 
-    from ..hub import resolve_model
+    from ..resolve import resolve_model
     from ..loader import dequantize_layers, load_model, read_json
 
     model_dir = resolve_model(model_path)

@@ -223,6 +223,13 @@ def read_checkpoint(path: Path) -> tuple[dict[str, mx.array], dict, int]:
 # -- the trainer --------------------------------------------------------------------------------
 
 
+class _NoLossLog:
+    """What ranks other than 0 write to the loss log: nothing."""
+
+    def write(self, **fields) -> None:
+        pass
+
+
 class Trainer:
     """Adds LoRA layers to `model` as the config says and trains them (`fit`)."""
 
@@ -236,6 +243,12 @@ class Trainer:
         self.on_step = on_step  # called after every optimizer step with (step, loss)
         self.path = Path(config.adapter_path)
         self.stop = StopFlag()
+        from ..distributed import world
+
+        self.group = world()  # data parallel under mlx.launch: every rank a share of each batch
+        self.rank0 = self.group is None or self.group.rank() == 0
+        if not self.rank0:  # rank 0 reports and writes for all
+            self.log, self.progress = (lambda message: None), False
 
     # adapters -------------------------------------------------------------------------------
 
@@ -261,6 +274,9 @@ class Trainer:
                                     "--adapter-path)")
 
     def save_checkpoint(self, optimizer, step: int, total: int) -> None:
+        self.last_saved = step
+        if not self.rank0:
+            return
         weights = adapter_weights(self.model)
         opt_state = {f"optimizer.{k}": v for k, v in tree_flatten(optimizer.state)}
         save_safetensors_atomic(self.path / CHECKPOINT_FILE, {**weights, **opt_state},
@@ -295,8 +311,14 @@ class Trainer:
         model = self.model
         loss_and_grad = nn.value_and_grad(model, masked_loss)
 
+        group = self.group
+
         def step(arrays, prev_grad, do_update):
             (loss, ntoks), grad = loss_and_grad(model, *arrays)
+            if group is not None:  # the whole batch's mean: each rank's share weighted by its tokens
+                total = mx.distributed.all_sum(ntoks, group=group)
+                grad = tree_map(lambda g: mx.distributed.all_sum(g * ntoks, group=group) / total, grad)
+                loss, ntoks = mx.distributed.all_sum(loss * ntoks, group=group) / total, total
             if prev_grad is not None:
                 grad = tree_map(lambda a, b: a + b, grad, prev_grad)
             if do_update:
@@ -313,7 +335,8 @@ class Trainer:
 
     def fit(self, train_set: Dataset, valid_set: Dataset | None = None) -> TrainResult:
         c, model, log = self.config, self.model, self.log
-        stream = BatchStream(train_set, c.batch_size, c.seed)
+        ranks = (self.group.rank(), self.group.size()) if self.group is not None else (0, 1)
+        stream = BatchStream(train_set, c.batch_size, c.seed, *ranks)
         total = c.total_steps(len(stream))
         warmup = min(c.warmup_steps(total), total)
         self.lora = self.lora_config()
@@ -331,9 +354,10 @@ class Trainer:
             start = self.restore(optimizer)
             self.last_saved = start
             log(f"resuming from step {start} of {total} ({self.path})")
-        else:
+        elif self.rank0:
             write_json_atomic(self.path / CONFIG_FILE, self.lora)
-        lossfile = LossLog(self.path / LOG_FILE, keep_until=start if c.resume else None)
+        lossfile = (LossLog(self.path / LOG_FILE, keep_until=start if c.resume else None) if self.rank0
+                    else _NoLossLog())
         n_train = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
         log(f"training {n_train / 1e6:.3f}M LoRA parameters in the last {self.lora['num_layers']} layers "
             f"({', '.join(self.lora['lora_parameters']['keys'])}); {len(train_set)} examples, "
@@ -424,6 +448,8 @@ class Trainer:
         elif start < total:
             log(f"saved adapters to {self.path / ADAPTER_FILE} ({result.tokens_per_sec:.0f} tok/s, "
                 f"peak memory {result.peak_memory_gb:.2f} GB)")
+        if not self.rank0:
+            return result
         try:
             plot_losses(self.path / LOG_FILE, self.path / PLOT_FILE)
         except Exception as e:  # a plot is a nice-to-have; the adapters are saved

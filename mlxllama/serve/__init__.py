@@ -17,7 +17,8 @@ log = logging.getLogger("mlxllama.serve")
 
 def model_id_for(model: str | os.PathLike | None, model_dir: str) -> str:
     """The name clients use for the served model: the repo id the user gave, else the folder name."""
-    from ..hub import DEFAULT_MODEL_NAME, is_repo_id
+    from ..hub import is_repo_id
+    from ..paths import DEFAULT_MODEL_NAME
 
     if model is None or str(model) == "":
         return DEFAULT_MODEL_NAME
