@@ -132,7 +132,7 @@ def main() -> None:
     rows = {name: ([r[0] for r in rs], sum(r[1] for r in rs) / max(sum(r[2] for r in rs), 1e-9))
             for name, rs in runs.items()}
 
-    lines = [f"model: {model.model_dir.name}, {args.prompts} prompts, max_tokens {args.max_tokens}, greedy",
+    lines = [f"model: {Path(model.model_dir).name}, {args.prompts} prompts, max_tokens {args.max_tokens}, greedy",
              f"grammar compile: first {first_compile * 1000:.0f} ms (builds the token tables), "
              f"later {later_compile * 1000:.1f} ms",
              f"{'system':<24} {'decode tok/s':>12} {'parses':>8} {'validates':>10}"]
