@@ -14,6 +14,8 @@ from pathlib import Path
 from mlxllama.errors import WeightsError
 
 _MAX_HEADER = 100 * 2**20  # the format's own limit is 100 MB
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+               "U32": 4, "I32": 4, "F32": 4, "U64": 8, "I64": 8, "F64": 8}
 
 
 @dataclass(frozen=True)
@@ -49,11 +51,23 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
     end = 0
     for name, info in header.items():
         try:
-            begin, stop = info["data_offsets"]
-            out[name] = TensorInfo(info["dtype"], tuple(int(d) for d in info["shape"]), int(stop) - int(begin))
+            begin, stop = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            dtype = str(info["dtype"])
         except (KeyError, TypeError, ValueError):
-            raise WeightsError(f"corrupt safetensors file {path}: bad header entry for {name}") from None
-        end = max(end, int(stop))
+            raise WeightsError(f"corrupt safetensors file {path}: bad header entry for {name!r}") from None
+        if begin < 0 or stop < begin or any(d < 0 for d in shape):
+            raise WeightsError(f"corrupt safetensors file {path}: bad offsets or shape for {name!r}")
+        if dtype not in DTYPE_BYTES:
+            raise WeightsError(f"safetensors file {path}: tensor {name!r} has unknown dtype {dtype!r}")
+        count = 1
+        for d in shape:
+            count *= d
+        if count * DTYPE_BYTES[dtype] != stop - begin:
+            raise WeightsError(f"corrupt safetensors file {path}: tensor {name!r} has shape {list(shape)} of {dtype} "
+                               f"({count * DTYPE_BYTES[dtype]} bytes) but {stop - begin} bytes of data")
+        out[name] = TensorInfo(dtype, shape, stop - begin)
+        end = max(end, stop)
     if 8 + n + end > size:
         raise WeightsError(f"truncated safetensors file {path}: expected {8 + n + end} bytes, found {size}")
     return out

@@ -36,3 +36,8 @@ class TrainingError(MlxllamaError):
 class GrammarError(MlxllamaError):
     """A JSON schema, regex or grammar the grammar engine cannot compile (or uses a feature it does
     not support), or an option that cannot be combined with constrained decoding."""
+
+
+class ChatTemplateError(InputError):
+    """A conversation the chat template cannot render: refused by the template or by the rules
+    transformers applies (an empty conversation, continue_final_message with a generation prompt)."""

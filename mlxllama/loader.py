@@ -208,8 +208,9 @@ def load_model(
         raise ConfigError(f"{model_dir / 'config.json'}: {e}") from None
     try:
         model = model_class(args)
-    except ValueError as e:
-        raise ConfigError(f"{model_dir / 'config.json'}: {e}") from None
+    except (ValueError, TypeError, KeyError, ZeroDivisionError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+        raise ConfigError(f"{model_dir / 'config.json'}: {what}") from None
 
     weights = load_weights(weight_files(model_dir))
     if hasattr(model, "sanitize"):

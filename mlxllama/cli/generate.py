@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -11,15 +12,30 @@ from .options import (Distributed, apply_m_flag, format_options, load_draft, mlx
                       parallel_option, response_format, sampling_kwargs, sampling_options)
 
 
-def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool):
-    """Applies the chat template when the model has one (as mlx-lm does), else the raw text."""
+def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool,
+                 template_args: dict | None = None):
+    """Applies the chat template when the model has one (as mlx-lm does), else the raw text;
+    `template_args` are the template's variables (enable_thinking, ...)."""
     if not prompt.strip():
         raise InputError("the prompt is empty")
     if use_template and tokenizer.has_chat_template:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else [])
         messages.append({"role": "user", "content": prompt})
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, **(template_args or {}))
     return prompt
+
+
+def parse_template_config(text: str | None) -> dict:
+    """--chat-template-config: a JSON object of template variables."""
+    if not text:
+        return {}
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"--chat-template-config is not JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise InputError("--chat-template-config must be a JSON object, such as '{\"enable_thinking\": false}'")
+    return config
 
 
 @click.command("generate")
@@ -28,13 +44,15 @@ def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
 @click.option("--ignore-chat-template", is_flag=True, help="Use the prompt as raw text.")
+@click.option("--chat-template-config", default=None,
+              help='Chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\'.')
 @sampling_options
 @format_options
 @mlx_lm_m_option
 @parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
-def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, verbose, parallel,
-                     dist_timeout, **opts):
+def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, chat_template_config,
+                     verbose, parallel, dist_timeout, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
     from ..generate import batch_generate
     from ..loader import load
@@ -47,6 +65,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     for p in prompts:
         if not p.strip():
             raise InputError("the prompt is empty")
+    template_args = parse_template_config(chat_template_config)
     kwargs = sampling_kwargs(opts)
     fmt = response_format(opts)  # checked before the model loads
     if fmt is not None and (opts["draft_model"] or kwargs["prompt_lookup"]):
@@ -65,12 +84,12 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
             llm = dist.watch(llm)
             kwargs = dist.sampling(kwargs)
-            _stream(llm, tokenizer, build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template),
-                    None, {**kwargs, "response_format": fmt}, verbose and dist.rank == 0)
+            prompt = build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template, template_args)
+            _stream(llm, tokenizer, prompt, None, {**kwargs, "response_format": fmt}, verbose and dist.rank == 0)
             dist.finish()
         return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template) for p in prompts]
+    encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template, template_args) for p in prompts]
 
     if len(encoded) > 1:
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],

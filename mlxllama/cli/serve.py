@@ -24,13 +24,15 @@ from .options import model_options
               help="max_tokens for requests that do not set it.")
 @click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=1.0, show_default=True,
               help="temperature for requests that do not set it (1.0 is the OpenAI API's default; 0: greedy).")
+@click.option("--open", "open_browser", is_flag=True, help="Open the chat page in the default browser.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
 def serve_command(model, adapter_path, dtype, host, port, api_key, max_batch, max_queue, max_body_bytes,
-                  max_tokens, temperature, log_level):
-    """Serve a model over the OpenAI API (chat and text completions, streamed or not)."""
+                  max_tokens, temperature, open_browser, log_level):
+    """Serve a model over the OpenAI API (chat and text completions, streamed or not, and document
+    questions) with a chat page at http://HOST:PORT/."""
     from ..serve import serve
 
     serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
-          log_level=log_level)
+          log_level=log_level, open_browser=open_browser)

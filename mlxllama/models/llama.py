@@ -53,8 +53,23 @@ class ModelArgs:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        for name in (*self.REQUIRED, "num_key_value_heads", *(("head_dim",) if self.head_dim is not None else ())):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive whole number, got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                             f"num_key_value_heads ({self.num_key_value_heads})")
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+            if self.head_dim < 1:
+                raise ValueError(f"hidden_size {self.hidden_size} is smaller than num_attention_heads")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"rope_scaling must be an object or null, got {self.rope_scaling!r}")
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> "ModelArgs":

@@ -54,10 +54,10 @@ def prompt_parts(tokenizer, chunks: list[Chunk]) -> tuple[str, str]:
                      {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": f"Context:\n{context_block(chunks)}\n\nQuestion: {_QUESTION_MARK}"})
     try:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except Exception:  # a template without a system role: the instructions go first in the user turn
         messages[1]["content"] = f"{SYSTEM}\n\n{messages[1]['content']}"
-        rendered = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True)
+        rendered = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
     before, _, after = rendered.partition(_QUESTION_MARK)
     return before, after
 

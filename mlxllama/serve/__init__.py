@@ -5,8 +5,12 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
+import threading
+import time
 
 from .app import create_app
+from .web import local_host, page_url
 
 __all__ = ["create_app", "model_id_for", "serve"]
 
@@ -40,8 +44,9 @@ def is_loopback(host: str) -> bool:
 def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
           max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 1.0,
-          dtype: str | None = None, log_level: str = "info") -> None:
-    """Loads the model and serves it until interrupted."""
+          dtype: str | None = None, log_level: str = "info", open_browser: bool = False) -> None:
+    """Loads the model and serves it until interrupted; open_browser opens the chat page once the
+    server answers."""
     import uvicorn
 
     from ..loader import load
@@ -57,4 +62,24 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)
     shown = f"[{host}]" if ":" in host else host
     log.info("serving %r on http://%s:%d/v1", model_id, shown, port)
+    url = page_url(host, port)
+    print(f"chat page: {url}", flush=True)
+    if open_browser:
+        threading.Thread(target=open_when_up, args=(url, host, port), daemon=True).start()
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+
+
+def open_when_up(url: str, host: str, port: int, timeout: float = 120.0) -> None:
+    """Opens `url` in the default browser as soon as the server accepts connections."""
+    import webbrowser
+
+    host = local_host(host)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    if not webbrowser.open(url):
+        log.warning("could not open a browser: open %s yourself", url)

@@ -1,8 +1,8 @@
 """The HTTP side: a Starlette app with the OpenAI routes, the API key check and body limits.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /v1/models/{id},
-GET /health. Every error is answered with the OpenAI body
-{"error": {"message", "type", "param", "code"}}; no request can stop the server.
+GET /health, POST /v1/qa (qa_route.py), and the chat page at / (web.py). Every error is answered
+with the OpenAI body {"error": {"message", "type", "param", "code"}}; no request can stop the server.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from starlette.routing import Route
 from .engine import Delta, Done, Engine, Job, QueueFull, TokenLogprob
 from .formats import Formatter
 from .prompts import gen_request
+from .qa_route import QARoute
 from .schemas import APIError, parse_chat, parse_completion
+from .web import page_routes
 
 log = logging.getLogger("mlxllama.serve")
 
@@ -244,6 +246,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
     h = Handlers(engine, model, tokenizer,
                  Settings(model_id, api_key, max_body_bytes, default_max_tokens, default_temperature))
+    qa = QARoute(h)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -251,6 +254,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         try:
             yield
         finally:
+            qa.close()
             await run_in_threadpool(engine.stop)
 
     routes = [
@@ -259,6 +263,8 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
         Route("/v1/models/{model_id:path}", h.model_info, methods=["GET"]),
         Route("/v1/chat/completions", h.chat, methods=["POST"]),
         Route("/v1/completions", h.completions, methods=["POST"]),
+        Route("/v1/qa", qa.handle, methods=["POST"]),
+        *page_routes(),
     ]
     middleware = [Middleware(HostCheck, allowed=allowed_hosts)] if allowed_hosts else []
     app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers={
