@@ -62,6 +62,7 @@ def worker(system: str, model: str, mode: str, n_prompt: int, n_gen: int) -> Non
             first = time.perf_counter()
     end = time.perf_counter()
     peaks = mx.distributed.all_gather(mx.array([rss_peak_gb()]), group=group) if group.size() > 1 else mx.array([rss_peak_gb()])
+    mx.eval(peaks)  # on every rank: the gather needs them all
     if group.rank() == 0:
         print(MARK + json.dumps({"ranks": group.size(), "decode_tps": (n - 1) / (end - first) if n > 1 else 0.0,
                                  "prefill_s": first - t0, "peak_gb": [round(x, 3) for x in peaks.tolist()]}), flush=True)

@@ -50,7 +50,7 @@ def dense_copy(model_dir: Path) -> Path:
 
     import mlxllama
 
-    model, _ = mlxllama.load(model_dir, dtype="float32", dense=True)
+    model, _ = mlxllama.load(model_dir, dtype="float32", dense=True, fuse=False)  # checkpoint names
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

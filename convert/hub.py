@@ -21,13 +21,13 @@ def resolve(src: str | Path) -> Path:
     return download_repo(str(src))
 
 
-def open_source(path: Path) -> Source:
+def open_source(path: Path, keep_float: bool = False) -> Source:
     if path.is_dir():
         return open_folder(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix.lower() == ".gguf":
-        return open_gguf(path)
+        return open_gguf(path, keep_float=keep_float)
     if path.suffix in (".bin", ".pt", ".pth"):
         raise UnsupportedModelError(f"{path} is a PyTorch file; no torch here; convert to safetensors first")
     raise UnsupportedModelError(f"{path} is neither a GGUF file nor a checkpoint folder with config.json")

@@ -36,7 +36,7 @@ class ConvertReport:
 
 
 def convert(src, out, *, bits: int | None = None, group_size: int | None = None, quantize: bool = True,
-            dtype: str | None = None, recipe: str | None = None, dequantize: bool = False,
+            dtype: str | None = None, recipe: str | None = None, dequantize: bool = False, keep_float: bool = False,
             max_shard_size: int | str = "5GB", force: bool = False, progress: bool = True) -> ConvertReport:
     """Convert a Hugging Face checkpoint (folder or repo id), a GGUF file or an MLX folder to an MLX folder.
 
@@ -45,8 +45,9 @@ def convert(src, out, *, bits: int | None = None, group_size: int | None = None,
     Setting either (or a recipe) re-quantizes those too. quantize=False leaves float tensors float.
     recipe: "mixed_4_6", "mixed_3_6", "mixed_2_6" or "mixed_3_4" (6 bits for the sensitive modules).
     dtype: float16 / bfloat16 / float32 for what stays float and for scales (default: the checkpoint's).
-    dequantize: write a float model. Raises the typed errors of mlxllama.errors; leaves nothing
-    behind on failure, and replaces an existing `out` only with force=True, after success.
+    keep_float: GGUF types that MLX cannot hold exactly (Q6_K, Q3_K, Q2_K, IQ*) stay float16 instead of
+    being re-quantized at the bits chosen for each type. dequantize: write a float model.
+    Raises the typed errors of mlxllama.errors; leaves nothing behind on failure, and replaces an existing `out` only with force=True, after success.
     """
     if dequantize and (recipe is not None or bits is not None or group_size is not None):
         raise InputError("dequantize cannot be combined with bits, group_size or recipe")
@@ -62,7 +63,7 @@ def convert(src, out, *, bits: int | None = None, group_size: int | None = None,
     path = resolve(src)
     if out.resolve() == path.resolve() or path.resolve() in out.resolve().parents:
         raise InputError(f"output {out} must not be the input {path} or inside it")
-    source = open_source(path)
+    source = open_source(path, keep_float=keep_float)
     dtype_name = dtype or source.default_dtype
     plan = Plan(bits=plan_bits, group_size=plan_group, quantize=quantize, recipe=recipe, dequantize=dequantize,
                 keep_packed=bits is None and group_size is None and recipe is None,

@@ -65,14 +65,20 @@ class Plan:
 
     def target(self, name: str, shape: tuple[int, ...], packed: QuantSpec | None,
                hint: QuantSpec | None = None) -> QuantSpec | bool | None:
-        """packed: the tensor's existing quantization; hint: a spec to keep when keeping the source's own."""
+        """packed: the tensor's existing quantization; hint: what to use when keeping the source's own
+        (a QuantSpec, or False to leave it float)."""
         if not is_quantizable(name, shape) or self.dequantize:
             return None
         if packed is not None and (self.keep_packed or not self.quantize):
             return packed
         if not self.quantize:
             return None
-        spec = hint if (hint is not None and self.keep_packed) else self.spec_for(name)
+        if hint is not None and self.keep_packed:
+            if hint is False:  # the source keeps it float
+                return False
+            spec = hint
+        else:
+            spec = self.spec_for(name)
         if shape[-1] % spec.group_size:
             return False
         return spec

@@ -24,7 +24,7 @@ class Tensor:
     shape: tuple[int, ...]         # logical (unquantized) shape
     fetch: Callable[[], list[mx.array]]  # [w] or [w_packed, scales, biases]; loads on call
     packed: QuantSpec | None = None      # existing quantization of a packed weight
-    hint: QuantSpec | None = None        # quantization to use when keeping the source's own (GGUF K-quants)
+    hint: QuantSpec | bool | None = None  # when keeping the source's own: a QuantSpec, or False for float
 
 
 @dataclass

@@ -18,6 +18,10 @@ def __getattr__(name):  # heavier parts load on first use
         from mlxllama.convert import convert
 
         return convert
+    if name == "export_gguf":
+        from mlxllama.convert import export_gguf
+
+        return export_gguf
     raise AttributeError(f"module 'mlxllama' has no attribute {name!r}")
 
 
@@ -27,6 +31,7 @@ __all__ = [
     "answer",
     "batch_generate",
     "convert",
+    "export_gguf",
     "generate",
     "generate_step",
     "load",

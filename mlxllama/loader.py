@@ -12,6 +12,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from . import cpu_weights
+from .cpu_weights import dense_fits, dequantize_layers  # noqa: F401  (part of this module's API)
 from .errors import ConfigError, UnsupportedModelError, WeightsError
 from .resolve import resolve_model
 from .models.llama import SUPPORTED_MODEL_TYPES, Model, ModelArgs
@@ -143,60 +145,19 @@ def compute_dtype(weights: dict[str, mx.array], dtype: str | None) -> mx.Dtype:
     return mx.float32
 
 
-def dense_fits(model: nn.Module, budget_fraction: float = 0.25) -> bool:
-    """Whether float32 copies of the quantized layers fit in a quarter of RAM."""
-    params = sum(
-        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-        for _, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    )
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return params * 4 <= budget_fraction * total
-
-
-def dequantize_layers(model: nn.Module, dtype: mx.Dtype) -> None:
-    """Replaces quantized layers by dense ones holding exactly the dequantized values.
-
-    On the CPU backend the quantized matmul is single-threaded while float32 matmul goes to BLAS:
-    the same math, several times faster. Used only on CPU and only when it fits in memory.
-    """
-    replacements = []
-    for path, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
-            dense = nn.Linear(w.shape[1], w.shape[0], bias="bias" in m)
-            dense.weight = w
-            if "bias" in m:
-                dense.bias = m.bias
-            replacements.append((path, dense))
-        elif isinstance(m, nn.QuantizedEmbedding):
-            w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits).astype(dtype)
-            dense = nn.Embedding(w.shape[0], w.shape[1])
-            dense.weight = w
-            replacements.append((path, dense))
-    if replacements:
-        model.update_modules(_unflatten(replacements))
-
-
-def _unflatten(pairs):
-    from mlx.utils import tree_unflatten
-
-    return tree_unflatten(pairs)
-
-
 def load_model(
     path: str | os.PathLike | None = None,
     dtype: str | None = None,
     dense: bool | None = None,
     lazy: bool = False,
     fuse: bool = False,
+    train: bool = False,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Builds the model from a folder. dense=None: run quantized layers dense on CPU when they fit.
-    fuse=True stacks q/k/v and gate/up (Model.fuse_projections) before anything is evaluated, so the
-    stacked weights are built straight from the file with no second copy."""
+    """Builds the model from a folder. dense: how quantized layers run on the CPU (cpu_weights.choose:
+    None decides, the native kernel when built; True: float32 copies; False: stay quantized); train=True
+    prefers the dense copies (LoRA's backward pass). fuse=True stacks q/k/v and gate/up
+    (Model.fuse_projections) before anything is evaluated, so the stacked weights are built straight
+    from the file with no second copy."""
     model_dir = resolve_model(path)
     config = load_config(model_dir)
     model_class, args_class = model_classes(config, model_dir / "config.json")
@@ -221,12 +182,14 @@ def load_model(
 
     target = compute_dtype(weights, dtype)
     model.set_dtype(target)
-    if dense is None:
-        dense = mx.default_device() == mx.cpu and target == mx.float32 and dense_fits(model)
-    if dense:
-        dequantize_layers(model, target)
+    form = cpu_weights.choose(model, dense, target, train=train)
+    if form == "dense":
+        cpu_weights.apply(model, form, target)
     if fuse and hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if form == "kernel":  # after fusing: the stacked layers are new modules
+        cpu_weights.apply(model, form, target)
+    model.weights_form = form
     if not lazy:
         try:
             mx.eval(model.parameters())
@@ -245,6 +208,7 @@ def load(
     lazy: bool = False,
     fuse: bool = True,
     parallel: str | None = None,
+    train: bool = False,
 ):
     """Loads (model, tokenizer) from a model folder, a Hugging Face repo id, or the default model.
 
@@ -265,20 +229,23 @@ def load(
         mx.eval(model.parameters())
         return model, _tokenizer_for(model, config)
     # with adapters, stack after they are attached (the groups without them), not before and again
-    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse and adapter_path is None)
+    model, config = load_model(path, dtype=dtype, dense=dense, lazy=lazy, fuse=fuse and adapter_path is None,
+                               train=train)
     if adapter_path is not None:
         from .lora.adapters import load_adapters
 
         load_adapters(model, adapter_path)
         model.eval()  # the new LoRA layers' dropout: inference here, training is lora.run's business
-        if fuse and hasattr(model, "fuse_projections") and model.fuse_projections() and not lazy:
-            mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first
+        if fuse and hasattr(model, "fuse_projections") and model.fuse_projections():
+            if model.weights_form == "kernel":
+                cpu_weights.apply(model, "kernel", mx.float32)
+            if not lazy:
+                mx.eval(model.parameters())  # here, not lazily on whichever thread runs the model first
     return model, _tokenizer_for(model, config)
 
 
 def _tokenizer_for(model, config: dict[str, Any]):
     from .tokenizer import load_tokenizer
-
     eos = config.get("eos_token_id")
     eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
     return load_tokenizer(model.model_dir, eos_token_ids=eos_ids)

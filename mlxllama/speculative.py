@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 import mlx.core as mx
 
 from .errors import InputError
-from .generate import prefill
+from .prefill import prefill
 from .models import make_cache
 from .sample import Processor, Sampler, make_sampler
 

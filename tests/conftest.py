@@ -16,6 +16,13 @@ def _cache_home() -> Path:
     return cache_home()
 
 
+@pytest.fixture(autouse=True)
+def _prompt_cache_folder(tmp_path_factory, monkeypatch):
+    """Commands that keep a prompt cache on disk (qa, chat) write to a fresh folder per test,
+    never to the user's cache (subprocesses inherit it)."""
+    monkeypatch.setenv("MLXLLAMA_PROMPT_CACHE", str(tmp_path_factory.mktemp("prompt-cache") / "prompt-cache"))
+
+
 @pytest.fixture(scope="session")
 def default_model_dir() -> Path:
     """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF converted as is), built once per cache."""

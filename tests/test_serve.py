@@ -257,12 +257,12 @@ def test_engine_batches_match_sequences_alone(tiny, batched, overlap, monkeypatc
     every sequence what it gets alone, with prompts longer than one prefill chunk and of one token."""
     import asyncio
 
-    from mlxllama.serve import engine as engine_module
-    from mlxllama.serve.batch import SeparateRows
+    from mlxllama.engine import core as engine_module
+    from mlxllama.engine.batch import SeparateRows
     from mlxllama.serve.engine import Delta, Done, Engine, GenRequest
 
     if not batched:
-        monkeypatch.setattr(engine_module, "make_batch", lambda model: SeparateRows(model))
+        monkeypatch.setattr(engine_module, "make_batch", lambda model, quant=None: SeparateRows(model, quant))
     model, tokenizer = tiny
     prompts = [tokenizer.encode(p) for p in ["a", "short one", "a longer prompt " * 12, "x y z " * 3, "q"]]
     expected = [greedy(tiny, p, 12)[0] for p in prompts]

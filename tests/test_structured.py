@@ -279,3 +279,35 @@ def test_forced_tokens_skip_the_sampler_and_share_model_calls(tiny):
     forced = [r for r in records if float(r.logprobs[r.token]) == 0.0 and mx.sum(mx.isinf(r.logprobs)).item()
               == r.logprobs.size - 1]
     assert forced  # a forced token's distribution is all on that token
+
+
+def test_batch_constraint_rows_on_the_engine_reuse_a_cached_prefix(tiny):
+    """Constrained rows run on the batch engine beside free ones; a cached prompt prefix is reused
+    (the constraint concerns only generated tokens)."""
+    from mlxllama.engine import PrefixCache
+
+    model, tokenizer = tiny
+    cache = PrefixCache(min_tokens=4)
+    prompt = "a long shared opening for every request " * 3
+    pattern = r"(yes|no)!"
+    fmt = {"type": "regex", "regex": pattern}
+    first = batch_generate(model, tokenizer, [prompt, prompt + "x"], max_tokens=12, response_format=[fmt, None],
+                           prefix_cache=cache)
+    assert re.fullmatch(pattern, first[0]), first
+    again = batch_generate(model, tokenizer, [prompt + "y"], max_tokens=12, response_format=fmt, prefix_cache=cache,
+                           temp=1.0, seed=3)
+    assert re.fullmatch(pattern, again[0]), again
+    assert cache.lookup(tokenizer.encode(prompt + "y"), probe=True) > 0  # the cache held the shared prefix
+
+
+def test_constrained_stream_with_a_quantized_kv_cache(tmp_path):
+    from mlxllama.models import make_cache
+    from mlxllama.models.cache import QuantizedKVCache
+
+    model, tokenizer = mlxllama.load(write_model(tmp_path / "hd32", "linear_rope_head_dim"))  # head_dim 32
+    cache = make_cache(model)
+    pattern = r"[a-c]{3,6}\."
+    text = generate(model, tokenizer, "x", max_tokens=10, response_format={"type": "regex", "regex": pattern},
+                    prompt_cache=cache, kv_bits=8, kv_group_size=32)
+    assert re.fullmatch(pattern, text), text
+    assert all(isinstance(c, QuantizedKVCache) for c in cache)

@@ -96,13 +96,14 @@ def _cpu_name() -> str:
 
 
 def default_systems(device: str) -> list[str]:
-    """Labels: 'mlxllama', 'mlxllama compiled', 'mlx-lm' (its defaults), 'mlx-lm float32' (CPU)."""
+    """Labels: 'mlxllama', 'mlxllama dense' (CPU), 'mlxllama compiled', 'mlx-lm' (its defaults),
+    'mlx-lm float32' (CPU)."""
     if device == "cpu":
-        return ["mlxllama", "mlx-lm", "mlx-lm float32"]
+        return ["mlxllama", "mlxllama dense", "mlx-lm", "mlx-lm float32"]
     return ["mlxllama", "mlxllama compiled", "mlx-lm"]
 
 
-SYSTEMS = ("mlxllama", "mlxllama compiled", "mlx-lm", "mlx-lm float32", "llama.cpp")
+SYSTEMS = ("mlxllama", "mlxllama dense", "mlxllama compiled", "mlx-lm", "mlx-lm float32", "llama.cpp")
 
 
 def system_spec(label: str) -> tuple[dict, dict]:
@@ -110,6 +111,8 @@ def system_spec(label: str) -> tuple[dict, dict]:
     env = {}
     if label == "mlxllama":
         return {"system": "mlxllama"}, env
+    if label == "mlxllama dense":  # quantized layers as float32 copies (--dense)
+        return {"system": "mlxllama", "dense": True}, env
     if label == "mlxllama compiled":
         return {"system": "mlxllama", "compiled": True}, env
     if label == "mlx-lm":  # as a user runs it: no BLAS preloaded by us, its own dtype

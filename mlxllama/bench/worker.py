@@ -65,7 +65,7 @@ class Ours(Runner):
     def __init__(self, spec):
         from mlxllama.loader import load
 
-        self.model, self.tok = load(spec["model"], dtype=spec.get("dtype"))
+        self.model, self.tok = load(spec["model"], dtype=spec.get("dtype"), dense=spec.get("dense"))
         self.tok.eos_token_ids = set()  # never stop early
         self.compiled = bool(spec.get("compiled"))
         self.vocab = min(self.model.args.vocab_size, len(self.tok)) if hasattr(self.model, "args") else len(self.tok)

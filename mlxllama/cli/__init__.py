@@ -19,12 +19,15 @@ COMMANDS = {
     "chat": ("chat", "chat_command"),
     "convert": ("convert", "convert_command"),
     "models": ("convert", "models_command"),
+    "export-gguf": ("convert", "export_gguf_command"),
     "qa": ("qa", "qa_command"),
     "eval-qa": ("qa", "eval_qa_command"),
     "lora": ("lora", "lora_command"),
     "fuse": ("lora", "fuse_command"),
     "bench": ("bench", "bench_command"),
     "serve": ("serve", "serve_command"),
+    "cache": ("cache", "cache_command"),
+    "cache-prompt": ("cache", "cache_prompt_command"),
 }
 
 

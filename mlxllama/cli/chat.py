@@ -6,8 +6,8 @@ import sys
 
 import click
 
-from .options import (Distributed, apply_m_flag, load_draft, mlx_lm_m_option, model_options, parallel_option,
-                      sampling_kwargs, sampling_options)
+from .options import (Distributed, apply_m_flag, kv_kwargs, kv_options, load_draft, mlx_lm_m_option, model_options,
+                      parallel_option, prompt_cache_options, sampling_kwargs, sampling_options, session_prefix_cache)
 
 HELP = "Commands: /help shows this, /reset clears the conversation, /exit (or Ctrl-D) leaves; Ctrl-C stops an answer."
 COMMANDS_HELP = """/help          this list
@@ -22,6 +22,10 @@ one that begins with /."""
 @model_options(short_m=False)
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
+@kv_options
+@prompt_cache_options
+@click.option("--session", default=None,
+              help="Keep the conversation (and its KV cache) under this name; the same name resumes it later.")
 @mlx_lm_m_option
 @parallel_option
 @click.option("--web", is_flag=True, help="Chat in the browser instead: serve the model and open its chat page.")
@@ -41,10 +45,16 @@ def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeo
 
 
 def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
-    from ..chat import ChatSession
+    from ..chat import ChatSession, session_path
+    from ..errors import InputError
     from ..loader import load
 
     kwargs = sampling_kwargs(opts)
+    kv = kv_kwargs(opts)
+    name = opts["session"]
+    path = session_path(name) if name is not None else None
+    if dist is not None and path is not None:
+        raise InputError("--session is not available with several ranks (each holds part of the KV cache)")
     if dist is not None:
         dist.check(kwargs, opts["draft_model"])
         llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
@@ -52,8 +62,9 @@ def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
         kwargs = dist.sampling(kwargs)
     else:
         llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    session = ChatSession(llm, tokenizer, system_prompt=system_prompt,
-                          draft_model=load_draft(opts["draft_model"]), **kwargs)
+    prefix_cache = session_prefix_cache(llm, tokenizer, opts) if dist is None else None
+    session = ChatSession(llm, tokenizer, system_prompt=system_prompt, draft_model=load_draft(opts["draft_model"]),
+                          prefix_cache=prefix_cache, session=path, **kwargs, **kv)
     try:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
@@ -63,6 +74,8 @@ def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
             click.echo(message, err=True)
 
     say(HELP)
+    if path is not None and len(session.messages) > (1 if system_prompt else 0):
+        say(f"[resumed session {name!r}: {len(session.messages)} messages]")
     while True:
         try:
             line = input(">> ") if dist is None else dist.read_line(">> ")

@@ -8,8 +8,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import (Distributed, apply_m_flag, format_options, load_draft, mlx_lm_m_option, model_options,
-                      parallel_option, response_format, sampling_kwargs, sampling_options)
+from .options import (Distributed, apply_m_flag, format_options, kv_kwargs, kv_options, load_draft, mlx_lm_m_option,
+                      model_options, parallel_option, response_format, sampling_kwargs, sampling_options)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool,
@@ -48,11 +48,14 @@ def parse_template_config(text: str | None) -> dict:
               help='Chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\'.')
 @sampling_options
 @format_options
+@kv_options
+@click.option("--prompt-cache-file", type=click.Path(), default=None,
+              help="Continue from a prompt cache made by `mlxllama cache-prompt` (or mlx_lm.cache_prompt).")
 @mlx_lm_m_option
 @parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="End with prompt and generation tokens/s and peak memory.")
 def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_chat_template, chat_template_config,
-                     verbose, parallel, dist_timeout, **opts):
+                     prompt_cache_file, verbose, parallel, dist_timeout, **opts):
     """Generate text from a prompt, streaming tokens as they come."""
     from ..generate import batch_generate
     from ..loader import load
@@ -76,6 +79,14 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
+    kwargs.update(kv_kwargs(opts))
+    if prompt_cache_file is not None:
+        import os
+
+        if not os.path.isfile(prompt_cache_file):
+            raise InputError(f"--prompt-cache-file not found: {prompt_cache_file}")
+        if len(prompts) > 1 or dist is not None:
+            raise InputError("--prompt-cache-file continues one prompt in one process: pass --prompt once")
     if dist is not None:
         dist.check(kwargs, opts["draft_model"])
         if len(prompts) > 1:
@@ -89,12 +100,22 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             dist.finish()
         return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template, template_args) for p in prompts]
+    if prompt_cache_file is not None:
+        from ..engine.prompt_file import continuation_tokens, load_cache_file
+
+        kwargs["prompt_cache"] = load_cache_file(llm, tokenizer, prompt_cache_file, kwargs["kv_bits"],
+                                                 kwargs["kv_group_size"])
+        encoded = [continuation_tokens(tokenizer, prompts[0], system_prompt, not ignore_chat_template)]
+    else:
+        encoded = [build_prompt(tokenizer, p, system_prompt, not ignore_chat_template, template_args)
+                   for p in prompts]
 
     if len(encoded) > 1:
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
                               top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
-                              seed=kwargs["seed"], stop=kwargs["stop"], response_format=fmt)
+                              seed=kwargs["seed"], stop=kwargs["stop"], kv_bits=kwargs["kv_bits"],
+                              kv_group_size=kwargs["kv_group_size"], quantized_kv_start=kwargs["quantized_kv_start"],
+                              response_format=fmt)
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
             click.echo(text)

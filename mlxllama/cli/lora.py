@@ -77,10 +77,16 @@ def lora_command(config_file, quiet, **options):
 @click.option("--output", "-o", "--save-path", "output", required=True,
               help="The new model folder (--save-path is mlx-lm's spelling).")
 @click.option("--dequantize", "--de-quantize", is_flag=True, help="Write float weights instead of quantizing again.")
-@click.option("--force", is_flag=True, help="Replace --output if it exists.")
-def fuse_command(model, adapter_path, output, dequantize, force):
+@click.option("--export-gguf", "gguf_path", type=click.Path(dir_okay=False), default=None,
+              help="Also write the fused model as this GGUF file (see `mlxllama export-gguf`).")
+@click.option("--force", is_flag=True, help="Replace --output (and the GGUF file) if they exist.")
+def fuse_command(model, adapter_path, output, dequantize, gguf_path, force):
     """Merge LoRA adapters into the base weights and write a new model folder."""
     from ..lora import fuse
 
     path = fuse(model, adapter_path, output, dequantize=dequantize, force=force)
     click.echo(f"fused model written to {path}", err=True)
+    if gguf_path:
+        from mlxllama.convert.gguf_export import export_gguf
+
+        click.echo(f"GGUF written to {export_gguf(path, gguf_path, force=force)}", err=True)

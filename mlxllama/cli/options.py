@@ -8,15 +8,25 @@ import click
 
 
 def model_options(f=None, *, short_m: bool = True):
-    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype."""
+    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype, --dense."""
     if f is None:
         return lambda g: model_options(g, short_m=short_m)
+    f = click.option("--dense", is_flag=True, expose_value=False, callback=_dense_flag,
+                     help="CPU: run quantized layers as float32 copies (about 8x the memory of 4-bit weights; "
+                          "default: the native quantized kernel when built).")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
     f = click.option("--model", *(["-m"] if short_m else []), default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
+
+
+def _dense_flag(ctx, param, value):
+    if value:
+        from ..cpu_weights import prefer_dense
+
+        prefer_dense()
 
 
 def sampling_options(f):
@@ -113,6 +123,54 @@ def response_format(o: dict):
     return constrain.choice(list(o["choices"]))
 
 
+def kv_options(f):
+    f = click.option("--quantized-kv-start", type=click.IntRange(min=0), default=0, show_default=True,
+                     help="With --kv-bits: quantize the KV cache once it holds this many positions.")(f)
+    f = click.option("--kv-group-size", type=int, default=64, show_default=True,
+                     help="With --kv-bits: values per quantization group (32, 64 or 128).")(f)
+    f = click.option("--kv-bits", type=int, default=None,
+                     help="Store the KV cache quantized to 4 or 8 bits (default: full precision).")(f)
+    return f
+
+
+def kv_kwargs(o: dict) -> dict:
+    """The KV settings, checked (a bad value is one line naming the allowed ones)."""
+    from ..errors import InputError
+    from ..models.cache import check_kv_quantization
+
+    try:
+        check_kv_quantization(o["kv_bits"], o["kv_group_size"])
+    except ValueError as e:
+        raise InputError(str(e).replace("kv bits", "--kv-bits").replace("kv group size", "--kv-group-size")) from None
+    return dict(kv_bits=o["kv_bits"], kv_group_size=o["kv_group_size"], quantized_kv_start=o["quantized_kv_start"])
+
+
+def prompt_cache_options(f):
+    f = click.option("--no-prompt-cache", is_flag=True, help="Neither read nor write the prompt cache.")(f)
+    f = click.option("--prompt-cache-bytes", default="2GB", show_default=True,
+                     help="Most bytes the prompt cache keeps (least recently used entries go first).")(f)
+    return f
+
+
+def cache_bytes(o: dict) -> int:
+    from ..engine.disk import parse_bytes
+    from ..errors import InputError
+
+    try:
+        return parse_bytes(o["prompt_cache_bytes"])
+    except ValueError as e:
+        raise InputError(f"--prompt-cache-bytes: {e}") from None
+
+
+def session_prefix_cache(llm, tokenizer, o: dict):
+    """The disk-backed prefix cache for qa and chat, or None with --no-prompt-cache."""
+    if o["no_prompt_cache"]:
+        return None
+    from ..engine.disk import disk_prefix_cache
+
+    return disk_prefix_cache(llm, tokenizer, cache_bytes(o))
+
+
 def parallel_option(f):
     f = click.option("--dist-timeout", type=click.FloatRange(min=1), default=120.0,
                      help="Under mlx.launch: seconds a rank waits for the others before it stops with an error.")(f)
@@ -179,6 +237,9 @@ class Distributed:
         mx.synchronize()
         self.d.broadcast_int(0, self.group)
         self.watchdog.pause()
+        import time
+
+        time.sleep(0.3)  # let the ring's own threads finish their last transfers before any rank exits
 
     def watch(self, model):
         return self.d.watched(model, self.watchdog)

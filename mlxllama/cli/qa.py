@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import model_options
+from .options import kv_kwargs, kv_options, model_options, prompt_cache_options, session_prefix_cache
 
 
 
@@ -33,30 +33,58 @@ def qa_options(f):
     f = click.option("--no-answer-threshold", default="auto", show_default=True,
                      help="Answer only when the answer's log-likelihood beats the no-answer phrase's by this "
                           "much; 'off' lets the model decide alone (generative answers then stream).")(f)
-    f = click.option("--top-chunks", type=click.IntRange(min=1), default=3, show_default=True,
-                     help="How many retrieved chunks go into the prompt when the context does not fit.")(f)
-    f = click.option("--max-context", type=click.IntRange(min=32), default=None,
-                     help="Most context tokens in the prompt; longer contexts are chunked and ranked "
-                          "with BM25 (default: what fits the model's window).")(f)
+    f = click.option("--rerank", type=click.IntRange(min=0), default=6, show_default=True,
+                     help="Rerank the best N BM25 chunks by the model's likelihood of the question (0: off).")(f)
+    f = click.option("--top-chunks", type=click.IntRange(min=1), default=4, show_default=True,
+                     help="Most retrieved chunks in the prompt when the documents exceed --max-context.")(f)
+    f = click.option("--whole", is_flag=True,
+                     help="Read the documents whole when they fit the model's window (slower: no retrieval).")(f)
+    f = click.option("--max-context", type=click.IntRange(min=32), default=1500, show_default=True,
+                     help="Most document tokens the model reads; longer documents are chunked on paragraphs "
+                          "and headings, ranked with BM25 and reranked by the model.")(f)
     f = click.option("--extractive", is_flag=True,
                      help="The answer is a span copied from the context, never invented text.")(f)
     return f
 
 
 def qa_kwargs(o: dict) -> dict:
-    return dict(extractive=o["extractive"], max_context=o["max_context"], top_chunks=o["top_chunks"],
+    return dict(extractive=o["extractive"], max_context=o["max_context"], whole=o["whole"],
+                top_chunks=o["top_chunks"], rerank=o["rerank"],
                 no_answer_threshold=threshold(o["no_answer_threshold"]), max_tokens=o["max_tokens"], temp=o["temp"],
                 seed=o["seed"], prompt_lookup=o["prompt_lookup"])
 
 
+def markers(result) -> str:
+    """' [1][2]': the chunks an answer cites, as printed after it."""
+    return "".join(f"[{c['n']}]" for c in result.citations)
+
+
 def cite(result) -> str:
+    """Where the answer is supported, one line per cited chunk (stderr)."""
     if result.no_answer or not result.evidence:
         return ""
     e = result.evidence
-    where = f"[{e['source']}, characters {e['start']}-{e['end']}"
-    if len(result.chunks) > 1 or (result.chunks and result.chunks[0].get("score")):
-        where += f"; from {len(result.chunks)} retrieved chunk(s)"
-    return where + f"; score {result.score:.2f}]"
+    lines = []
+    for c in result.citations or [None]:
+        where = f"[{c['n']}] " if c else ""
+        where += f"{e['source']}"
+        if c and c["heading"]:
+            where += f" § {c['heading']}"
+        lines.append(where + f", characters {e['start']}-{e['end']}; score {result.score:.2f}")
+    return "\n".join(lines)
+
+
+def progress_line():
+    """A stderr progress line for reading long documents, only when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(done, total):
+        if total >= 1024:
+            end = "\n" if done >= total else ""
+            sys.stderr.write(f"\rreading documents: {done}/{total} tokens{end}")
+            sys.stderr.flush()
+    return show
 
 
 def read_questions(positional, questions, interactive):
@@ -90,13 +118,15 @@ def terminal_questions():
 @model_options
 @click.argument("question", required=False)
 @click.option("--context", "-c", "contexts", multiple=True, required=True,
-              help="A text file, a folder of .txt/.md files, or '-' for stdin (repeatable).")
+              help="A document (text, Markdown, PDF, HTML, DOCX), a folder of them, or '-' for stdin (repeatable).")
 @click.option("--question", "-q", "questions", multiple=True,
               help="Another question about the same context (repeatable; each reuses the documents' KV cache).")
 @click.option("--interactive", "-i", is_flag=True, help="Ask questions at a prompt until Ctrl-D.")
 @click.option("--json", "as_json", is_flag=True,
               help="One JSON object per answer: answer, no_answer, evidence {source, start, end, text}, score, chunks.")
 @qa_options
+@kv_options
+@prompt_cache_options
 @click.option("--verbose", "-v", is_flag=True, help="Also print tokens processed and seconds per answer.")
 def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, **opts):
     """Answer QUESTION from the text in --context, citing where the answer is."""
@@ -107,8 +137,10 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
     if interactive and "-" in contexts:
         raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
     docs = read_context(contexts)
+    kv = kv_kwargs(opts)
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    session = QASession(llm, tokenizer, docs, **qa_kwargs(opts))
+    session = QASession(llm, tokenizer, docs, prefix_cache=session_prefix_cache(llm, tokenizer, opts),
+                        progress=progress_line(), **qa_kwargs(opts), **kv)
     several = len(qs) > 1 or interactive
 
     def stream(text):
@@ -124,12 +156,16 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
             click.echo(f"Q: {q}")
             sys.stdout.write("A: ")
         result = session.ask(q, on_text=stream)
-        stream("\n")
+        # generative answers end with the numbers of the chunks they cite; an extractive answer
+        # stays the exact span on stdout (its chunk is named on stderr)
+        cited = result.citations and not result.no_answer and not result.extractive
+        stream((f" {markers(result)}" if cited else "") + "\n")
         line = cite(result)
         if line:
             click.echo(line, err=True)
         if verbose:
-            click.echo(f"[{result.prompt_tokens} prompt tokens, {result.generation_tokens} generated, "
+            reused = f", {session.reused_tokens} from the prompt cache" if session.reused_tokens else ""
+            click.echo(f"[{result.prompt_tokens} prompt tokens{reused}, {result.generation_tokens} generated, "
                        f"{result.seconds:.2f} s]", err=True)
         if several and not interactive:
             click.echo("")
@@ -145,17 +181,24 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
 @model_options
 @click.argument("data", type=click.Path())
 @qa_options
+@click.option("--split", default=None, help="Evaluate only the items whose 'split' is this (e.g. tune, test).")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate the first N items only.")
 @click.option("--predictions", type=click.Path(), default=None, help="Write every prediction to this JSONL file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.option("--verbose", "-v", is_flag=True, help="Print each prediction as it is made.")
-def eval_qa_command(model, adapter_path, dtype, data, limit, predictions, as_json, verbose, **opts):
+def eval_qa_command(model, adapter_path, dtype, data, split, limit, predictions, as_json, verbose, **opts):
     """Score answers on a JSONL dev set ({id, context, question, answers}): SQuAD exact match and F1,
     no-answer accuracy, answers per second."""
     from ..loader import load
-    from ..qa.metrics import evaluate, read_dataset
+    from ..qa.evaluate import evaluate
+    from ..qa.metrics import read_dataset
 
-    items = read_dataset(data)[:limit]
+    items = read_dataset(data)
+    if split is not None:
+        items = [i for i in items if i.get("split") == split]
+        if not items:
+            raise InputError(f"no items with split {split!r} in {data}")
+    items = items[:limit]
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
 
     def progress(i, p):

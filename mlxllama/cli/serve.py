@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import model_options
+from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_cache_options
 
 
 @click.command("serve")
@@ -27,12 +27,25 @@ from .options import model_options
 @click.option("--open", "open_browser", is_flag=True, help="Open the chat page in the default browser.")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@kv_options
+@prompt_cache_options
+@click.option("--max-kv-bytes", default=None,
+              help="KV cache budget for the requests in flight (e.g. 8GB; default: half the machine's memory). "
+                   "A request that can never fit gets 400, one that must wait 503 with Retry-After.")
 def serve_command(model, adapter_path, dtype, host, port, api_key, max_batch, max_queue, max_body_bytes,
-                  max_tokens, temperature, open_browser, log_level):
+                  max_tokens, temperature, open_browser, log_level, max_kv_bytes, **opts):
     """Serve a model over the OpenAI API (chat and text completions, streamed or not, and document
     questions) with a chat page at http://HOST:PORT/."""
+    from ..engine.disk import parse_bytes
+    from ..errors import InputError
     from ..serve import serve
 
+    kv = kv_kwargs(opts)
+    try:
+        budget = parse_bytes(max_kv_bytes) if max_kv_bytes is not None else None
+    except ValueError as e:
+        raise InputError(f"--max-kv-bytes: {e}") from None
     serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
           max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
-          log_level=log_level, open_browser=open_browser)
+          log_level=log_level, open_browser=open_browser,
+          prompt_cache_bytes=0 if opts["no_prompt_cache"] else cache_bytes(opts), max_kv_bytes=budget, **kv)

@@ -14,6 +14,7 @@ from typing import Iterator
 import mlx.core as mx
 
 from ..models import make_cache
+from ..models.cache import maybe_quantize
 from .matcher import ConstraintProcessor
 
 
@@ -24,19 +25,22 @@ def find_constraint(processors) -> ConstraintProcessor | None:
 def fast_forward_generate_step(prompt: mx.array, model, *, constraint: ConstraintProcessor, max_tokens: int = 256,
                                sampler=None, logits_processors=None, max_kv_size: int | None = None,
                                prompt_cache: list | None = None, prefill_step_size: int = 512,
+                               kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
                                **_ignored) -> Iterator[tuple[int, mx.array]]:
     """generate_step's contract (yields (token, logprobs (V,))) for a constrained sequence."""
-    from ..generate import prefill
+    from ..prefill import prefill
     from ..sample import make_sampler
 
     sampler = sampler or make_sampler()
     others = [p for p in logits_processors or [] if p is not constraint]
     cache = prompt_cache if prompt_cache is not None else make_cache(model, max_kv_size)
-    inputs = prefill(model, prompt.astype(mx.int32), cache, prefill_step_size)  # (1,) the last prompt token
+    inputs = prefill(model, prompt.astype(mx.int32), cache, prefill_step_size,  # (1,) the last prompt token
+                     lambda: maybe_quantize(cache, kv_bits, kv_group_size, quantized_kv_start))
     history = prompt.astype(mx.int32)
     n = 0
     while n < max_tokens:
         logits = model(inputs[None], cache=cache)[:, -1, :]  # (1, V)
+        maybe_quantize(cache, kv_bits, kv_group_size, quantized_kv_start)
         for p in others:
             logits = p(history, logits)
         logits = constraint.mask(logits)

@@ -41,7 +41,7 @@ def run(config: LoRAConfig, log: Callable[[str], None] | None = None, progress: 
             log(warning)
         return ds
 
-    model, tokenizer = load(config.model, dense=config.dense, fuse=False)
+    model, tokenizer = load(config.model, dense=config.dense, fuse=False, train=True)
     result = RunResult()
     if config.train:
         train_set, valid_set = split("train"), split("valid")

@@ -179,7 +179,7 @@ def apply_rope_table(x: mx.array, cos: mx.array, sin: mx.array) -> mx.array:
 def fuse_linears(layers: list[nn.Module]) -> nn.Module | None:
     """One layer computing all of `layers` (same input) by stacking their output rows; None when
     they cannot be stacked (a LoRA wrapper, different quantization, bias on some only)."""
-    kinds = {type(m) for m in layers}
+    kinds = {nn.QuantizedLinear if isinstance(m, nn.QuantizedLinear) else type(m) for m in layers}
     if len(kinds) != 1 or kinds.pop() not in (nn.Linear, nn.QuantizedLinear):
         return None
     has_bias = {"bias" in m for m in layers}
@@ -296,11 +296,35 @@ class Attention(nn.Module):
         q, k, v = self._project(x, offset, rope_rows)  # (B, H, L, Dh), (B, Hkv, L, Dh) x 2
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)  # (B, Hkv, S, Dh)
-        if host_ops.wanted(q, cache):  # prompt chunks on CPU: NumPy's exp is ~15x faster
+        if getattr(cache, "bits", None):  # a quantized KV cache: (packed, scales, biases) triples
+            out = quantized_attention(q, k, v, self.scale, mask, cache.group_size, cache.bits)
+        elif host_ops.wanted(q, cache):  # prompt chunks on CPU: NumPy's exp is ~15x faster
             out = host_ops.attention(q, k, v, self.scale, mask)  # (B, H, L, Dh)
         else:
             out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)  # (B, H, L, Dh)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))  # (B, L, D)
+
+
+def quantized_attention(q: mx.array, k: tuple, v: tuple, scale: float, mask, group_size: int, bits: int) -> mx.array:
+    """Attention over quantized keys and values (mx.quantized_matmul, as mlx-lm does): q (B, H, L, Dh),
+    k and v (packed, scales, biases) of (B, Hkv, S, .) -> (B, H, L, Dh)."""
+    B, H, L, D = q.shape
+    Hkv = k[0].shape[1]
+    rep = H // Hkv
+    q = (q * scale).reshape(B, Hkv, rep, L, D)
+    k = tuple(mx.expand_dims(a, 2) for a in k)  # (B, Hkv, 1, S, .)
+    v = tuple(mx.expand_dims(a, 2) for a in v)
+    scores = mx.quantized_matmul(q, *k, transpose=True, group_size=group_size, bits=bits)  # (B, Hkv, rep, L, S)
+    if isinstance(mask, str):
+        S = scores.shape[-1]
+        mask = mx.arange(S - L, S)[:, None] >= mx.arange(S)[None]  # (L, S)
+    if mask is not None:
+        if mask.ndim == 4:
+            mask = mx.expand_dims(mask, 2)  # (B, 1, 1, L, S)
+        scores = mx.where(mask, scores, mx.finfo(scores.dtype).min) if mask.dtype == mx.bool_ else scores + mask
+    scores = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(scores, *v, transpose=False, group_size=group_size, bits=bits)  # (B, Hkv, rep, L, Dh)
+    return out.reshape(B, H, L, -1)
 
 
 class MLP(nn.Module):

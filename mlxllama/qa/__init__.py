@@ -1,7 +1,9 @@
 """Question answering over the user's documents.
 
 context.py   where text comes from (files, folders, stdin) and what is refused
-retrieve.py  overlapping chunks with character offsets, BM25 ranking
+formats.py   text out of files: any common text encoding, PDF, HTML, DOCX
+retrieve.py  section chunks with offsets and heading paths, stemmed BM25 ranking
+rerank.py    the model's query likelihood over the best candidates, one batched pass
 prompt.py    the prompt (documents before the question) and the no-answer phrase
 span.py      the extractive decoding constraint (answers are spans of the context)
 session.py   answer() and QASession (document KV cache reused across questions)

@@ -1,4 +1,4 @@
-"""Where a context comes from: text, files, a folder of .txt/.md files, or stdin.
+"""Where a context comes from: text, files (text, PDF, HTML, DOCX), folders of them, or stdin.
 
 Every document keeps its source (a path, "<stdin>" or "<context>") so that answers can cite the
 file and the character offsets of their evidence.
@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
 
 from ..errors import InputError
+from .formats import SUFFIXES, decode_text, extract
 
-TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 MAX_CONTEXT_CHARS = 20_000_000  # beyond this even retrieval refuses: one clear line instead
 
 
@@ -26,20 +26,6 @@ class Document:
 ContextLike = Union[str, Document, Sequence[Union[str, Document]], Mapping[str, str]]
 
 
-def decode_text(data: bytes, source: str) -> str:
-    """UTF-8 (a BOM is dropped) text of a file's bytes; InputError for binary data."""
-    if b"\x00" in data[:65536]:
-        raise InputError(f"{source} is a binary file, not text")
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise InputError(f"{source} is not UTF-8 text (binary file?)") from None
-    controls = sum(1 for c in text[:65536] if ord(c) < 32 and c not in "\t\n\r\f\v")
-    if controls > max(8, len(text[:65536]) // 100):
-        raise InputError(f"{source} is a binary file, not text")
-    return text.replace("\r\n", "\n")
-
-
 def read_file(path: Path) -> Document:
     try:
         data = path.read_bytes()
@@ -49,19 +35,19 @@ def read_file(path: Path) -> Document:
         raise InputError(f"cannot read context file {path}: permission denied") from None
     except OSError as e:
         raise InputError(f"cannot read context file {path}: {e.strerror or e}") from None
-    return Document(str(path), decode_text(data, str(path)))
+    return Document(str(path), extract(path, data))
 
 
 def folder_files(folder: Path) -> list[Path]:
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in SUFFIXES
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise InputError(f"no .txt or .md files in folder {folder}")
+        raise InputError(f"no documents in folder {folder} (looked for {', '.join(SUFFIXES)})")
     return files
 
 
 def read_context(paths: Iterable[str | os.PathLike], stdin=None) -> list[Document]:
-    """Documents from files, folders (their .txt/.md files, recursively) and '-' (stdin)."""
+    """Documents from files, folders (every document file in them, recursively) and '-' (stdin)."""
     docs: list[Document] = []
     for item in paths:
         if str(item) == "-":
@@ -105,9 +91,11 @@ def as_documents(context: ContextLike) -> list[Document]:
 
 def check_documents(docs: list[Document], max_chars: int = MAX_CONTEXT_CHARS) -> list[Document]:
     """Drops empty documents; InputError when nothing is left or when there is too much."""
-    docs = [d for d in docs if d.text.strip()]
-    if not docs:
-        raise InputError("the context is empty")
+    kept = [d for d in docs if d.text.strip()]
+    if not kept:
+        named = [d.source for d in docs if not d.source.startswith("<")]
+        raise InputError("the context is empty" + (f" ({', '.join(named[:3])}: no text)" if named else ""))
+    docs = kept
     total = sum(len(d.text) for d in docs)
     if total > max_chars:
         raise InputError(f"the context is {total:,} characters, more than the limit of {max_chars:,} "

@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import re
 import string
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ..errors import InputError
 
@@ -59,7 +57,8 @@ def score_item(prediction: str, no_answer: bool, answers: list[str]) -> tuple[fl
 
 
 def read_dataset(path: str | Path) -> list[dict]:
-    """A JSONL file of {id, context, question, answers: [...]} ([] when unanswerable)."""
+    """A JSONL file of {id, context, question, answers: [...]} ([] when unanswerable); `context` is a
+    text or {file name: text} for several documents; an optional `split` names the item's split."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -75,9 +74,12 @@ def read_dataset(path: str | Path) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise InputError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(item, dict) or not all(isinstance(item.get(k), str) for k in ("context", "question")) \
-                or not isinstance(item.get("answers"), list):
-            raise InputError(f"{path}:{n}: needs string 'context' and 'question' and a list 'answers'")
+        context = item.get("context") if isinstance(item, dict) else None
+        several = isinstance(context, dict) and context and all(isinstance(v, str) for v in context.values())
+        if not isinstance(item, dict) or not (isinstance(context, str) or several) \
+                or not isinstance(item.get("question"), str) or not isinstance(item.get("answers"), list):
+            raise InputError(f"{path}:{n}: needs a 'context' (text, or {{file name: text}}), a string "
+                             "'question' and a list 'answers'")
         item.setdefault("id", str(n))
         items.append(item)
     if not items:
@@ -100,30 +102,6 @@ class Report:
 
     def summary(self) -> dict:
         return {k: (round(v, 2) if isinstance(v, float) else v) for k, v in self.__dict__.items() if k != "predictions"}
-
-
-def evaluate(model, tokenizer, items: list[dict], *, progress: Callable[[int, dict], None] | None = None,
-             **qa_kwargs) -> Report:
-    """Answers every item (items with the same context in a row share one QASession, so the
-    document cache is reused) and scores them."""
-    from .session import QASession
-
-    preds, session, session_context = [], None, None
-    tic = time.perf_counter()
-    for i, item in enumerate(items):
-        if session is None or item["context"] != session_context:
-            session = QASession(model, tokenizer, item["context"], **qa_kwargs)
-            session_context = item["context"]
-        result = session.ask(item["question"])
-        em, f1 = score_item(result.answer, result.no_answer, item["answers"])
-        pred = {"id": item["id"], "question": item["question"], "prediction": result.answer,
-                "no_answer": result.no_answer, "answers": item["answers"], "em": em, "f1": f1,
-                "score": round(result.score, 4), "margin": result.margin}
-        preds.append(pred)
-        if progress:
-            progress(i, pred)
-    seconds = time.perf_counter() - tic
-    return summarize(preds, seconds)
 
 
 def summarize(preds: list[dict], seconds: float) -> Report:

@@ -36,11 +36,16 @@ def is_no_answer(text: str) -> bool:
     return bool(_NO_ANSWER_PATTERNS.search(" ".join(text.split())))
 
 
+def label(chunk: Chunk) -> str:
+    """How the prompt and a citation name a chunk: its source and the section it is under."""
+    return f"{chunk.source} - {chunk.heading}" if chunk.heading else chunk.source
+
+
 def context_block(chunks: list[Chunk]) -> str:
     """The documents as the prompt shows them; several chunks are numbered and name their source."""
     if len(chunks) == 1:
         return chunks[0].text.strip()
-    parts = [f"[{i}] ({c.source})\n{c.text.strip()}" for i, c in enumerate(chunks, 1)]
+    parts = [f"[{i}] ({label(c)})\n{c.text.strip()}" for i, c in enumerate(chunks, 1)]
     return "\n\n".join(parts)
 
 
@@ -54,10 +59,10 @@ def prompt_parts(tokenizer, chunks: list[Chunk]) -> tuple[str, str]:
                      {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": f"Context:\n{context_block(chunks)}\n\nQuestion: {_QUESTION_MARK}"})
     try:
-        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     except Exception:  # a template without a system role: the instructions go first in the user turn
         messages[1]["content"] = f"{SYSTEM}\n\n{messages[1]['content']}"
-        rendered = tokenizer.apply_chat_template(messages[1:], add_generation_prompt=True, tokenize=False)
+        rendered = tokenizer.apply_chat_template(messages[1:], tokenize=False, add_generation_prompt=True)
     before, _, after = rendered.partition(_QUESTION_MARK)
     return before, after
 

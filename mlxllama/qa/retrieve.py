@@ -1,7 +1,10 @@
-"""Long documents: overlapping chunks with character offsets, ranked by BM25 against the question.
+"""Long documents: chunks on paragraph and heading boundaries with character offsets and the
+heading path they sit under, ranked by BM25 against the question.
 
-BM25 comes from `bm25s`; the terms are lower-cased words without English stopwords, and for
+BM25 comes from `bm25s`; the terms are lower-cased words without English stopwords (bm25s's extended list), stemmed with
+PyStemmer's English Snowball stemmer ("serving" and "serve" are one term), and for
 Chinese/Japanese/Korean text (no spaces between words) single characters plus character bigrams.
+A chunk is indexed with its heading path, so a section is found by its title too.
 """
 
 from __future__ import annotations
@@ -25,9 +28,15 @@ class Chunk:
     text: str
     doc: int = 0  # index of the document
     score: float = 0.0  # BM25 score against the question (0 when not ranked)
+    heading: str = ""  # the headings above the chunk, outermost first: "Serving > Security"
+    likelihood: float | None = None  # the reranker's mean log P(question token | chunk)
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "start": self.start, "end": self.end, "score": round(self.score, 4)}
+        out = {"source": self.source, "start": self.start, "end": self.end, "heading": self.heading,
+               "score": round(self.score, 4)}
+        if self.likelihood is not None:
+            out["likelihood"] = round(self.likelihood, 4)
+        return out
 
 
 def whole(doc: Document, index: int = 0) -> Chunk:
@@ -46,31 +55,100 @@ def _cut(text: str, start: int, end: int) -> int:
     return end
 
 
-def split_document(doc: Document, size: int, overlap: int, index: int = 0) -> list[Chunk]:
-    """Chunks of about `size` characters; each starts `overlap` characters before the previous end
-    (moved forward to a word start), so a passage cut by one boundary is whole in a neighbour."""
-    text, n = doc.text, len(doc.text)
-    size = max(size, 16)
-    overlap = min(max(overlap, 0), size // 2)
-    chunks, start = [], 0
-    while start < n:
-        end = _cut(text, start, start + size)
-        chunks.append(Chunk(doc.source, start, end, text[start:end], index))
-        if end >= n:
-            break
-        nxt = max(end - overlap, start + 1)
-        space = text.find(" ", nxt, end)
-        if overlap and space >= 0:
-            nxt = space + 1
-        start = nxt if nxt < end else end
-    return [c for c in chunks if c.text.strip()]
+_HEADING = re.compile(r"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_FENCE = re.compile(r"^[ \t]*(```|~~~)")
+_PARAGRAPH = re.compile(r"\n[ \t]*\n")
+
+
+def _blocks(text: str) -> list[tuple[int, int, str, bool]]:
+    """(start, end, heading path, is a heading line) for each paragraph and heading of a text.
+    Headings are Markdown ATX headings outside code fences (HTML and DOCX are read into that form)."""
+    out: list[tuple[int, int, str, bool]] = []
+    path: list[tuple[int, str]] = []
+    fenced, para_start, pos = False, None, 0
+
+    def close(end: int) -> None:
+        nonlocal para_start
+        if para_start is not None and text[para_start:end].strip():
+            out.append((para_start, end, " > ".join(t for _, t in path), False))
+        para_start = None
+
+    for line in text.splitlines(keepends=True):
+        bare = line.rstrip("\n")
+        if _FENCE.match(bare):
+            fenced = not fenced
+        m = None if fenced else _HEADING.match(bare)
+        if m:
+            close(pos)
+            level = len(m.group(1))
+            path = [(lv, t) for lv, t in path if lv < level] + [(level, m.group(2).strip())]
+            out.append((pos, pos + len(bare), " > ".join(t for _, t in path), True))
+        elif not bare.strip() and not fenced:
+            close(pos)
+        elif para_start is None:
+            para_start = pos
+        pos += len(line)
+    close(len(text.rstrip()))
+    return [(a, a + len(text[a:b].rstrip()), h, is_h) for a, b, h, is_h in out]
+
+
+def split_sections(doc: Document, size: int, index: int = 0) -> list[Chunk]:
+    """Chunks of at most about `size` characters made of whole paragraphs of one section (a heading
+    starts a new chunk and heads it); a paragraph longer than `size` is cut at sentence ends."""
+    text, size = doc.text, max(size, 16)
+    chunks: list[Chunk] = []
+    cur: list[int] | None = None  # [start, end]
+    cur_heading, bare = "", False  # bare: the chunk holds only its heading line so far
+
+    def flush() -> None:
+        nonlocal cur
+        if cur is not None and not bare:  # a lone heading is no passage (every chunk names its path)
+            chunks.append(Chunk(doc.source, cur[0], cur[1], text[cur[0] : cur[1]], index, heading=cur_heading))
+        cur = None
+
+    for start, end, heading, is_heading in _blocks(text):
+        if is_heading:
+            flush()
+            cur, cur_heading, bare = [start, end], heading, True
+            continue
+        if cur is not None and (heading != cur_heading or (end - cur[0] > size and not (bare and end - start <= size))):
+            flush()
+        if cur is None and end - start > size:  # a long paragraph: sentence-sized pieces of it
+            pos = start
+            while pos < end:
+                cut = _cut(text[:end], pos, pos + size)
+                if text[pos:cut].strip():
+                    lead = len(text[pos:cut]) - len(text[pos:cut].lstrip())
+                    chunks.append(Chunk(doc.source, pos + lead, cut, text[pos + lead : cut], index, heading=heading))
+                pos = cut
+            continue
+        if cur is None:
+            cur, cur_heading = [start, end], heading
+        else:
+            cur[1] = end
+        bare = False
+    flush()
+    return [replace(c, text=c.text.rstrip(), end=c.start + len(c.text.rstrip())) for c in chunks if c.text.strip()]
+
+
+def _stemmer():
+    global _STEMMER
+    if _STEMMER is None:
+        import Stemmer
+
+        _STEMMER = Stemmer.Stemmer("english")
+    return _STEMMER
+
+
+_STEMMER = None
 
 
 def terms(text: str) -> list[str]:
-    """BM25 terms: lower-cased words minus stopwords; CJK runs as characters and bigrams."""
-    from bm25s.stopwords import STOPWORDS_EN
+    """BM25 terms: lower-cased, stemmed words minus stopwords; CJK runs as characters and bigrams."""
+    from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
 
     stop = _stopwords(STOPWORDS_EN)
+    words: list[str] = []
     out: list[str] = []
     for word in _WORD.findall(text.lower()):
         if _CJK.search(word):
@@ -78,10 +156,10 @@ def terms(text: str) -> list[str]:
             rest = _CJK.sub(" ", word).split()
             out.extend(chars)
             out.extend(a + b for a, b in zip(chars, chars[1:]))
-            out.extend(w for w in rest if w not in stop)
+            words.extend(w for w in rest if w not in stop)
         elif word not in stop:
-            out.append(word)
-    return out
+            words.append(word)
+    return out + _stemmer().stemWords(words)
 
 
 _STOP_CACHE: dict[int, frozenset] = {}
@@ -101,7 +179,7 @@ def rank(chunks: list[Chunk], question: str) -> list[Chunk]:
 
     if not chunks:
         return []
-    corpus = [terms(c.text) for c in chunks]
+    corpus = [terms(f"{c.heading}\n{c.text}") for c in chunks]
     query = [t for t in terms(question) if t]
     if not query or not any(corpus):
         return list(chunks)
@@ -110,3 +188,25 @@ def rank(chunks: list[Chunk], question: str) -> list[Chunk]:
     scores = np.asarray(retriever.get_scores(query), dtype=np.float64)
     order = sorted(range(len(chunks)), key=lambda i: (-scores[i], i))
     return [replace(chunks[i], score=float(scores[i])) for i in order]
+
+
+def heading_at(text: str, offset: int) -> str:
+    """The heading path in force at a character offset of a text ("" before any heading)."""
+    heading = ""
+    for start, _, path, _ in _blocks(text):
+        if start > offset:
+            break
+        heading = path
+    return heading
+
+
+def coverage(question: str, chunks: list[Chunk]) -> float:
+    """The share of the question's terms (stemmed, no stopwords) that occur in the chunks: 1.0 when
+    every content word of the question is there. One signal for "not in the documents"."""
+    wanted = set(terms(question))
+    if not wanted:
+        return 1.0
+    present: set[str] = set()
+    for c in chunks:
+        present |= set(terms(f"{c.heading}\n{c.text}")) & wanted
+    return len(present) / len(wanted)

@@ -1,14 +1,20 @@
 """Answering questions about a context: `answer()` for one question, `QASession` for several.
 
 A session prefills the prompt's document part once and, per question, trims the KV cache back to
-the end of the documents and feeds only the question's tokens. A context that does not fit the
-window (or `max_context` tokens) is split into overlapping chunks, ranked by BM25 against each
-question, and the best chunks go into the prompt (the cache is reused while they stay the same).
+the end of the documents and feeds only the question's tokens.
+
+Bounded reading: the model reads at most `max_context` tokens of documents (1,500 by default,
+whatever the documents' size; `whole=True` reads everything that fits the window). A context
+longer than that is cut into chunks on paragraph and heading boundaries, ranked by BM25 against
+each question, the best candidates reranked by the model's query likelihood (one batched pass),
+and the best chunks go into the prompt (the cache is reused while they stay the same).
 
 No answer: the prompt teaches a fixed phrase (NO_ANSWER). Before answering, the question and that
-phrase go through the model in one pass; when log P(best first token of a real answer) falls more
-than `no_answer_threshold` below log P(phrase), the answer is the phrase and nothing is generated.
-Otherwise the answer is generated with the phrase's first token banned, so it streams as it comes.
+phrase go through the model in one pass, giving the model's margin: log P(best first token of a
+real answer) - log P(phrase). The decision adds the retrieval signal (the share of the question's
+terms found in the passages): confidence = margin + weight * coverage; below the threshold (both
+chosen on the tuning split of examples/qa_dev.jsonl) the answer is the phrase and nothing is
+generated. Otherwise the answer is generated with the phrase's first token banned, so it streams.
 """
 
 from __future__ import annotations
@@ -22,18 +28,23 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import InputError
-from ..generate import context_length, stream_generate
+from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
+from ..models.cache import maybe_quantize
 from .context import ContextLike, as_documents
-from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, prompt_parts
-from .retrieve import Chunk, rank, split_document, whole
+from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
+from .retrieve import Chunk, coverage, heading_at, rank, split_sections
+from .retrieve import whole as whole_chunk
 
 MIN_CHUNK_TOKENS = 32
-# Answer only when log P(best first token of an answer) - log P(no-answer phrase + EOS) reaches
-# this. 0 is the model's own preference; -5.5 was chosen on examples/qa_dev.jsonl for the default
-# 135M model, whose preference for the phrase says little about answerability (larger models:
-# try 0). None leaves the decision to the model alone.
-NO_ANSWER_THRESHOLD = {"generative": -5.5, "extractive": -5.5}
+DEFAULT_MAX_CONTEXT = 1500  # tokens of documents the model reads by default
+# confidence = margin + COVERAGE_WEIGHT * coverage; answer only when it reaches the threshold.
+# Chosen on the tuning split of examples/qa_dev.jsonl for the default 135M model (see docs/qa.md);
+# with larger models try a threshold of 0. None leaves the decision to the model alone.
+COVERAGE_WEIGHT = {"generative": 8.0, "extractive": 10.0}
+NO_ANSWER_THRESHOLD = {"generative": 1.0, "extractive": 3.5}
+# an extractive span is trimmed to the shortest one whose log P(span + EOS) is within this of the best
+SPAN_MARGIN = 1.5
 _SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
 
 
@@ -49,7 +60,10 @@ class Answer:
     prompt_tokens: int = 0  # tokens processed for this question (a reused document cache is free)
     generation_tokens: int = 0
     seconds: float = 0.0
-    margin: float | None = None  # log P(answer's first token) - log P(no-answer phrase); below the threshold: no answer
+    margin: float | None = None  # log P(answer's first token) - log P(no-answer phrase)
+    coverage: float | None = None  # share of the question's terms found in the passages
+    confidence: float | None = None  # margin + weight * coverage; below the threshold: no answer
+    citations: list[dict] = field(default_factory=list)  # [{n, source, start, end, heading}]: chunk [n] supports the answer
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -62,22 +76,33 @@ class QASession:
     """Answers questions about one context, reusing the documents' KV cache between questions."""
 
     def __init__(self, model, tokenizer, context: ContextLike, *, extractive: bool = False,
-                 max_context: int | None = None, max_tokens: int = 64, top_chunks: int = 3,
-                 chunk_tokens: int = 256, no_answer_threshold: float | str | None = "auto", **gen_kwargs):
+                 max_context: int | None = DEFAULT_MAX_CONTEXT, whole: bool = False, max_tokens: int = 64,
+                 top_chunks: int = 4, chunk_tokens: int = 300, rerank: int = 6,
+                 no_answer_threshold: float | str | None = "auto",
+                 progress: Callable[[int, int], None] | None = None, prefix_cache=None, **gen_kwargs):
         if max_context is not None and max_context < MIN_CHUNK_TOKENS:
             raise InputError(f"max_context must be at least {MIN_CHUNK_TOKENS} tokens, got {max_context}")
         if max_tokens < 1:
             raise InputError(f"max_tokens must be >= 1, got {max_tokens}")
         self.model, self.tokenizer = model, tokenizer
         self.docs = as_documents(context)
-        self.extractive, self.max_context, self.max_tokens = extractive, max_context, max_tokens
+        self.extractive, self.max_context, self.max_tokens = extractive, None if whole else max_context, max_tokens
         self.top_chunks, self.chunk_tokens = max(1, top_chunks), max(MIN_CHUNK_TOKENS, chunk_tokens)
+        self.rerank, self.progress = max(0, rerank), progress
+        mode = "extractive" if extractive else "generative"
+        self.coverage_weight = COVERAGE_WEIGHT[mode]
         if no_answer_threshold == "auto":
-            no_answer_threshold = NO_ANSWER_THRESHOLD["extractive" if extractive else "generative"]
+            no_answer_threshold = NO_ANSWER_THRESHOLD[mode]
         elif isinstance(no_answer_threshold, str):
             raise InputError(f"no_answer_threshold must be a number, None or 'auto', got {no_answer_threshold!r}")
         self.no_answer_threshold = no_answer_threshold
         gen_kwargs.pop("max_kv_size", None)  # the document cache must keep every position
+        # the documents' KV state is looked up in, and given to, the prefix cache (with a disk
+        # tier: a later process reads it instead of the documents)
+        self.prefix_cache = prefix_cache
+        check_kv(model, gen_kwargs.get("kv_bits"), gen_kwargs.get("kv_group_size", 64))
+        self.kv = (gen_kwargs.get("kv_bits"), gen_kwargs.get("kv_group_size", 64), gen_kwargs.get("quantized_kv_start", 0))
+        self.reused_tokens = 0  # document tokens of the last question that came from the prefix cache
         # answers copy the documents: drafting from them is the same output, sooner
         gen_kwargs.setdefault("prompt_lookup", DEFAULT_PROMPT_LOOKUP)
         self.gen_kwargs = gen_kwargs
@@ -85,7 +110,7 @@ class QASession:
         before, after = prompt_parts(tokenizer, [Chunk("", 0, 0, "")])
         fixed_doc, fixed_tail = encode_parts(tokenizer, before, "", after)
         self._fixed = len(fixed_doc) + len(fixed_tail)
-        whole_docs = [whole(d, i) for i, d in enumerate(self.docs)]
+        whole_docs = [whole_chunk(d, i) for i, d in enumerate(self.docs)]
         self._whole = whole_docs
         self._whole_tokens = (len(tokenizer.encode(context_block(whole_docs), add_special_tokens=False))
                               if sum(len(d.text) for d in self.docs) < 2_000_000 else None)  # None: surely too long
@@ -116,12 +141,17 @@ class QASession:
             return self._whole
         size = min(self.chunk_tokens, max(MIN_CHUNK_TOKENS, room // self.top_chunks))
         while True:
+            ranked = rank(self._chunks(size), question)
+            if ranked and ranked[0].score > 0:
+                ranked = [c for c in ranked if c.score > 0]  # the rest share no term with the question
+            if self.rerank and len(ranked) > self.top_chunks:  # the model picks among the best candidates
+                from .rerank import rerank
+
+                ranked = rerank(self.model, self.tokenizer, ranked[: max(self.rerank, self.top_chunks)], question)
             chosen, used = [], 0
-            for chunk in rank(self._chunks(size), question):
-                if chosen and chunk.score <= 0 < chosen[0].score:
-                    break  # the rest share no term with the question
-                label = f"[{len(chosen) + 1}] ({chunk.source})\n\n"  # the line naming it in the prompt
-                n = len(self.tokenizer.encode(label + chunk.text, add_special_tokens=False))
+            for chunk in ranked:
+                name = f"[{len(chosen) + 1}] ({label(chunk)})\n\n"  # the line naming it in the prompt
+                n = len(self.tokenizer.encode(name + chunk.text, add_special_tokens=False))
                 if used + n <= room:
                     chosen.append(chunk)
                     used += n
@@ -140,7 +170,7 @@ class QASession:
                 sample = doc.text[:20000]
                 per_token = len(sample) / max(1, len(self.tokenizer.encode(sample, add_special_tokens=False)))
                 chars = max(32, int(size_tokens * per_token * 0.9))
-                chunks.extend(split_document(doc, chars, chars // 4, i))
+                chunks.extend(split_sections(doc, chars, i))
             self._chunked = (size_tokens, chunks)
         return self._chunked[1]
 
@@ -154,14 +184,39 @@ class QASession:
                 for c in self.cache:
                     c.trim(extra)
             return 0
-        self.cache = make_cache(self.model)
+        self.cache, done = self._from_prefix_cache(doc_tokens)
         self.cached_doc = []
+        bits, group, start = self.kv
         tokens = mx.array(doc_tokens, dtype=mx.int32)
-        for i in range(0, len(doc_tokens), 512):
+        for i in range(done, len(doc_tokens), 512):
             self.model(tokens[i : i + 512][None], cache=self.cache)
+            maybe_quantize(self.cache, bits, group, start)
             mx.eval([c.state for c in self.cache])
+            if self.progress:
+                self.progress(min(i + 512, len(doc_tokens)), len(doc_tokens))
         self.cached_doc = list(doc_tokens)
-        return len(doc_tokens)
+        if self.prefix_cache is not None and done < len(doc_tokens):
+            from ..engine import kind_of
+
+            kind = kind_of(getattr(self.cache[0], "bits", None), getattr(self.cache[0], "group_size", 64))
+            self.prefix_cache.insert(doc_tokens, [c.state for c in self.cache], kind)
+        return len(doc_tokens) - done
+
+    def _from_prefix_cache(self, doc_tokens: list[int]) -> tuple[list, int]:
+        """A cache holding as much of the documents as the prefix cache has; how many tokens that is."""
+        self.reused_tokens = 0
+        if self.prefix_cache is None:
+            return make_cache(self.model), 0
+        from ..engine import KVQuant, kind_of
+        from ..engine.batch import caches_from_states
+
+        bits, group, start = self.kv
+        kinds = ("float",) if bits is None else (kind_of(bits, group), "float")
+        hit = self.prefix_cache.lookup(doc_tokens, kinds, keep_last=False)
+        if hit is None:
+            return make_cache(self.model), 0
+        self.reused_tokens = hit.length
+        return caches_from_states(self.model, hit.states, KVQuant(bits, group, start)), hit.length
 
     # -- answering --------------------------------------------------------------------------------
 
@@ -177,11 +232,17 @@ class QASession:
         doc_tokens, tail = encode_parts(self.tokenizer, before, question, after)
         processed = self._prefill_documents(doc_tokens) + len(tail)
         step0, na_lp, phrase = self._score_no_answer(tail)
+        self._coverage = coverage(question, chunks)
         if self.extractive:
             result = self._extract(question, chunks, tail[-1], step0, na_lp, phrase, on_text)
         else:
             result = self._generate(question, chunks, tail[-1], step0, na_lp, phrase, on_text)
         result.chunks = [c.as_dict() for c in chunks]
+        result.coverage = round(self._coverage, 4)
+        if result.margin is not None:
+            result.confidence = self._confidence(result.margin)
+        if result.evidence:
+            result.citations = cite(result.evidence, chunks)
         result.prompt_tokens = processed
         result.seconds = time.perf_counter() - tic
         return result
@@ -213,8 +274,18 @@ class QASession:
             best = float(step0[mx.array(ids)].max().item()) if ids else -math.inf
         return best - na_lp
 
+    def _confidence(self, margin: float) -> float:
+        return margin + self.coverage_weight * self._coverage
+
     def _rejects(self, margin: float) -> bool:
-        return self.no_answer_threshold is not None and margin < self.no_answer_threshold
+        return self.no_answer_threshold is not None and self._confidence(margin) < self.no_answer_threshold
+
+    def _rewind(self) -> None:
+        """Trims the cache back to the documents and all but the question's last token."""
+        extra = self.cache[0].offset - len(self._in_cache)
+        if extra > 0:
+            for c in self.cache:
+                c.trim(extra)
 
     def _no_answer(self, question: str, margin: float | None, n: int = 0) -> Answer:
         return Answer(question, NO_ANSWER, True, None, 0.0, extractive=self.extractive, margin=margin,
@@ -249,6 +320,13 @@ class QASession:
                 shown = len(visible)
         answer = text.strip().rstrip("\ufffd").strip()
         score = math.exp(logprob / n) if n else 0.0
+        if answer and echoes(answer, question):  # a question is no answer: the best span instead
+            self._rewind()
+            result = self._extract(question, chunks, last, step0, na_lp, phrase, None)
+            result.extractive, result.margin = False, margin
+            if on_text and not result.no_answer:
+                on_text(("\n" if shown else "") + result.answer)
+            return result
         if not answer or is_no_answer(answer):
             return self._no_answer(question, margin, n)
         return Answer(question, answer, False, self._evidence(answer, chunks), score,
@@ -276,11 +354,8 @@ class QASession:
                 eos = r.token
             elif r.token >= 0:
                 tokens.append(r.token)
-        span_lp = sum(constraint.raw_logprob(i, t) for i, t in enumerate(tokens))
-        if eos is not None:
-            span_lp += constraint.raw_logprob(len(tokens), eos)
-        n = len(tokens) + (eos is not None)
-        span = context.locate(b"".join(self.tokenizer.token_bytes(t) for t in tokens))
+        self._rewind()
+        span, span_lp, n = shortest_span(context, constraint, tokens, eos, self._score_text, last)
         if span is None:
             result = self._no_answer(question, margin, len(tokens))
         else:
@@ -292,6 +367,19 @@ class QASession:
         if on_text:
             on_text(result.answer)
         return result
+
+    def _score_text(self, last: int, text: str) -> tuple[float, int]:
+        """(log P(text + EOS | prompt), tokens) with the cache at the question's last token; the
+        cache is left as it was."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        eos = self.tokenizer.eos_token_id
+        seq = [last] + ids
+        logits = self.model(mx.array(seq, dtype=mx.int32)[None], cache=self.cache)[0]  # (len(seq), V)
+        lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        targets = ids + ([eos] if eos is not None else [])
+        total = float(mx.take_along_axis(lp[: len(targets)], mx.array(targets)[:, None], axis=-1).sum().item())
+        self._rewind()
+        return total, len(targets)
 
     # -- evidence for generated answers -------------------------------------------------------------
 
@@ -320,6 +408,68 @@ class QASession:
         return best
 
 
+def echoes(answer: str, question: str) -> bool:
+    """Whether a generated answer repeats the question instead of answering it."""
+    from .metrics import f1_score, normalize_answer
+
+    a, q = normalize_answer(answer), normalize_answer(question)
+    if not a:
+        return False
+    if re.match(r"\s*(question|q)\s*[:：]", answer, re.IGNORECASE):  # a new question turn, not an answer
+        return True
+    return a == q or (answer.rstrip().endswith(("?", "？")) and f1_score(answer, question) >= 0.5) \
+        or (len(a) > 12 and a in q)
+
+
+def cite(evidence: dict, chunks: list[Chunk]) -> list[dict]:
+    """The chunks (numbered from 1 as in the prompt) that hold the evidence, with its section."""
+    out = []
+    for n, c in enumerate(chunks, 1):
+        if c.source == evidence["source"] and c.start <= evidence["start"] and evidence["end"] <= c.end:
+            heading = heading_at(c.text, evidence["start"] - c.start) or c.heading
+            if c.heading and heading != c.heading and not heading.startswith(c.heading):
+                heading = c.heading
+            out.append({"n": n, "source": c.source, "start": c.start, "end": c.end, "heading": heading})
+    return out
+
+
+def shortest_span(context, constraint, tokens: list[int], eos: int | None, score_text, last: int):
+    """The shortest span the model supports: the decoded span, its prefixes ending on a word
+    boundary (scored from the decoding's own log-probabilities: log P(prefix) + log P(EOS next))
+    and the best of those without up to three leading function words (one short pass each);
+    the shortest whose log P(span + EOS) is within SPAN_MARGIN of the best. Returns (Span or None,
+    log-probability, tokens scored)."""
+    token_bytes = constraint.token_bytes
+    candidates = []  # (logprob, n tokens, bytes)
+    run, data = 0.0, b""
+    for k, t in enumerate(tokens):
+        run += constraint.raw_logprob(k, t)
+        data += token_bytes(t)
+        if k + 1 < len(constraint.raw_logprobs) and data.strip() and context.locate(data, ends=True):
+            end_lp = max(constraint.raw_logprob(k + 1, e) for e in constraint.eos_ids)
+            candidates.append((run + end_lp, k + 2, data))
+    if not candidates:
+        span = context.locate(data) if data else None
+        return span, run, len(tokens)
+    best = max(c[0] for c in candidates)
+    lp, n, data = min((c for c in candidates if c[0] >= best - SPAN_MARGIN), key=lambda c: (len(c[2].strip()), -c[0]))
+    span = context.locate(data)
+    from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
+
+    words = span.text.split(" ")
+    for drop in range(1, min(3, len(words) - 1) + 1):  # leading function words: "in 1889" -> "1889"
+        if words[drop - 1].lower() not in STOPWORDS_EN:
+            break
+        shorter = " ".join(words[drop:])
+        found = context.locate(shorter.encode("utf-8"), ends=True)
+        if found is None:
+            continue
+        s_lp, s_n = score_text(last, shorter)
+        if s_lp >= lp - SPAN_MARGIN:
+            span, lp, n = found, s_lp, s_n
+    return span, lp, n
+
+
 def _mask(size: int, ids) -> mx.array:
     mask = mx.zeros((size,), dtype=mx.bool_)
     ids = [i for i in ids if i < size]
@@ -343,6 +493,6 @@ class BanFirst:
 
 def answer(model, tokenizer, question: str, context: ContextLike, **kwargs) -> Answer:
     """Answers `question` from `context` (a string, a list of strings or Documents, or
-    {source: text}). Keyword arguments: extractive, max_context, max_tokens, top_chunks,
-    chunk_tokens, no_answer_threshold, and stream_generate's sampling options."""
+    {source: text}). Keyword arguments: extractive, max_context, whole, max_tokens, top_chunks,
+    chunk_tokens, rerank, no_answer_threshold, progress, and stream_generate's sampling options."""
     return QASession(model, tokenizer, context, **kwargs).ask(question)

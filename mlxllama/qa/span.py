@@ -80,6 +80,7 @@ class SpanContext:
             ok[base + len(data.rstrip()) :] = False
         self.starts = np.nonzero(ok)[0]
         self._first: list[int] | None = None
+        self._start_set: set[int] | None = None
 
     def next_tokens(self, positions) -> set[int]:
         """Tokens whose bytes continue the context at one of `positions`."""
@@ -109,11 +110,14 @@ class SpanContext:
             return True
         return (data[p] & 0xC0) != 0x80 and not (_ALNUM[data[p - 1]] and _ALNUM[data[p]])
 
-    def locate(self, span: bytes) -> Span | None:
-        """The first place the span occurs at a valid start; whitespace around it is trimmed."""
-        starts = set(self.starts.tolist())
+    def locate(self, span: bytes, ends: bool = False) -> Span | None:
+        """The first place the span occurs at a valid start (and, with `ends`, a valid end too);
+        whitespace around it is trimmed."""
+        if self._start_set is None:
+            self._start_set = set(self.starts.tolist())
+        starts = self._start_set
         i = self.data.find(span)
-        while i >= 0 and i not in starts:
+        while i >= 0 and (i not in starts or (ends and not self.can_end(i + len(span)))):
             i = self.data.find(span, i + 1)
         if i < 0 or not span:
             return None

@@ -32,6 +32,12 @@ def model_id_for(model: str | os.PathLike | None, model_dir: str) -> str:
     return os.path.basename(os.path.normpath(model_dir)) or text
 
 
+def mx_metal_available() -> bool:
+    import mlx.core as mx
+
+    return mx.metal.is_available()
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -44,19 +50,33 @@ def is_loopback(host: str) -> bool:
 def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, api_key: str | None = None, max_batch: int = 8, max_queue: int = 16,
           max_body_bytes: int = 1 << 20, max_tokens: int = 512, temperature: float = 1.0,
-          dtype: str | None = None, log_level: str = "info", open_browser: bool = False) -> None:
+          dtype: str | None = None, log_level: str = "info", open_browser: bool = False,
+          prompt_cache_bytes: int = 2 << 30, kv_bits: int | None = None, kv_group_size: int = 64,
+          quantized_kv_start: int = 0, max_kv_bytes: int | None = None) -> None:
     """Loads the model and serves it until interrupted; open_browser opens the chat page once the
-    server answers."""
+    server answers. prompt_cache_bytes: the in-memory prefix cache shared by requests (0: off);
+    max_kv_bytes: the KV budget (None: half the machine's memory)."""
     import uvicorn
 
+    from ..engine import PrefixCache
+    from ..generate import check_kv
     from ..loader import load
+    from .engine import default_max_kv_bytes
 
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+    check_kv(llm, kv_bits, kv_group_size)
+    if mx_metal_available():  # as mlx-lm: keep the model's memory wired so it is not paged out
+        import mlx.core as mx
+
+        mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
     app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      max_body_bytes=max_body_bytes, default_max_tokens=max_tokens, default_temperature=temperature,
-                     allowed_hosts=LOOPBACK_NAMES if loopback else None)
+                     allowed_hosts=LOOPBACK_NAMES if loopback else None,
+                     prefix_cache=PrefixCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None,
+                     kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                     max_kv_bytes=max_kv_bytes if max_kv_bytes is not None else default_max_kv_bytes())
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)

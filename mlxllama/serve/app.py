@@ -25,7 +25,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .engine import Delta, Done, Engine, Job, QueueFull, TokenLogprob
+from .engine import Delta, Done, Engine, Job, KVBudgetFull, QueueFull, TokenLogprob
 from .formats import Formatter
 from .prompts import gen_request
 from .qa_route import QARoute
@@ -49,7 +49,7 @@ class Settings:
 
 
 def error_response(e: APIError) -> JSONResponse:
-    headers = {"Retry-After": "1"} if e.status == 429 else None
+    headers = {"Retry-After": "1"} if e.status in (429, 503) else None
     if e.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(e.body(), status_code=e.status, headers=headers)
@@ -129,6 +129,10 @@ class Handlers:
             job = self.engine.submit(gen, asyncio.get_running_loop())
         except QueueFull as e:
             raise APIError(429, f"The server is busy: {e}", code="rate_limit_exceeded", type="requests") from None
+        except KVBudgetFull as e:
+            if e.never:
+                raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
+            raise APIError(503, str(e), code="kv_cache_full", type="server_error") from None
         tools = parsed.tools if parsed.tool_choice != "none" else None
         fmt = Formatter(kind, self.settings.model_id, self.tokenizer, parsed.logprobs, tools)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
@@ -238,12 +242,17 @@ class HostCheck:
 def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, max_batch: int = 8,
                max_queue: int = 16, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                default_max_tokens: int = 512, default_temperature: float = 1.0,
-               allowed_hosts: list[str] | None = None) -> Starlette:
+               allowed_hosts: list[str] | None = None, prefix_cache=None, kv_bits: int | None = None,
+               kv_group_size: int = 64, quantized_kv_start: int = 0, max_kv_bytes: int | None = None) -> Starlette:
     """The ASGI app for one loaded model; the engine thread runs while the app is up.
 
     allowed_hosts: Host header names accepted (None: any). A server on a loopback address should
-    accept only loopback names, so a web page cannot reach it through DNS rebinding."""
-    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue)
+    accept only loopback names, so a web page cannot reach it through DNS rebinding.
+    prefix_cache: an engine.PrefixCache reused across requests (None: every prompt read whole);
+    kv_bits, kv_group_size, quantized_kv_start: a quantized KV cache; max_kv_bytes: the KV budget."""
+    engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache,
+                    kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
+                    max_kv_bytes=max_kv_bytes)
     h = Handlers(engine, model, tokenizer,
                  Settings(model_id, api_key, max_body_bytes, default_max_tokens, default_temperature))
     qa = QARoute(h)

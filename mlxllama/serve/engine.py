@@ -1,19 +1,18 @@
-"""The scheduler: one worker thread owns the model; requests reach it through a queue.
+"""The server's side of the engine: one worker thread owns the model and the batched engine
+(mlxllama.engine.BatchEngine); requests reach it through a queue.
 
 Every model call happens on the worker thread (model inference is not thread-safe). Each
-iteration of its loop:
-
-1. drops requests whose client went away (`Job.cancel`, called from the event loop);
-2. admits waiting requests while fewer than `max_batch` are active, and makes one prefill call
-   of at most about `prefill_step` tokens: several short prompts are read together, a long one
-   in chunks, so a long prompt never stalls the others for long; a prompt's first token comes
-   straight from its prefill, and then it joins the batch;
-3. queues one decoding step for all active sequences at once (`batch.py`) and hands the previous
-   step's tokens to their requests (on a GPU while it computes the new step): text through the
-   detokenizer and stop-string matcher, then an event on the request's asyncio queue.
+iteration of its loop drops requests whose client went away (`Job.cancel`, called from the event
+loop), admits waiting requests while fewer than `max_batch` are active, runs one engine step
+(a prefill chunk and one decoding step for every active sequence) and turns the step's outputs
+into events on each request's asyncio queue. The prefix cache, when there is one, lets a request
+whose prompt begins like an earlier one (a chat resent whole at every turn) read only the rest;
+`Done.cached_tokens` says how many prompt tokens were reused.
 
 Admission is first come, first served, and every active sequence advances one token per step.
-A request beyond `max_batch` active plus `max_queue` waiting is refused (`QueueFull`, HTTP 429).
+A request beyond `max_batch` active plus `max_queue` waiting is refused (`QueueFull`, HTTP 429);
+one whose KV cache would not fit `max_kv_bytes` with those already admitted is refused too
+(`KVBudgetFull`: HTTP 503 and Retry-After while others run, 400 when it could never fit).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -28,9 +28,8 @@ from typing import Any, AsyncIterator
 import mlx.core as mx
 import numpy as np
 
-from ..generate import StopMatcher
-from ..sample import make_sampler
-from .batch import make_batch
+from ..engine import BatchEngine, PrefixCache
+from ..sample import make_logit_bias, make_sampler
 
 log = logging.getLogger("mlxllama.serve")
 
@@ -66,6 +65,7 @@ class Done:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV state came from the prefix cache
 
 
 @dataclass
@@ -77,15 +77,50 @@ class QueueFull(Exception):
     pass
 
 
+class KVBudgetFull(Exception):
+    """The request's KV cache does not fit the server's budget: now (`never` False) or ever."""
+
+    def __init__(self, message: str, never: bool):
+        super().__init__(message)
+        self.never = never
+
+
+def kv_bytes_per_token(model, kv_bits: int | None = None, kv_group_size: int = 64) -> int:
+    """KV cache bytes one position of one sequence takes, over all layers."""
+    args = getattr(model, "args", None)
+    layers = len(model.layers)
+    if args is None or not hasattr(args, "head_dim"):
+        return 0
+    itemsize = model.model.norm.weight.dtype.size if hasattr(model, "model") else 4
+    per_vector = args.head_dim * itemsize
+    if kv_bits is not None:
+        per_vector = args.head_dim * kv_bits // 8 + 2 * (args.head_dim // kv_group_size) * itemsize
+    return layers * 2 * args.num_key_value_heads * per_vector
+
+
+def default_max_kv_bytes() -> int:
+    """Half the machine's memory (Metal: of the recommended working set)."""
+    if mx.metal.is_available():
+        return int(mx.metal.device_info()["max_recommended_working_set_size"]) // 2
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
 class Job:
     """One request as both sides see it: the handler reads `events()`, the worker calls `_put`."""
 
-    def __init__(self, request: GenRequest, loop: asyncio.AbstractEventLoop, release):
+    def __init__(self, request: GenRequest, loop: asyncio.AbstractEventLoop, release, kv_bytes: int = 0):
         self.request = request
+        self.kv_bytes = kv_bytes  # reserved in the server's KV budget until released
+        self.uid: int | None = None  # the engine's id of its sequence, once admitted
+        self.cached_tokens = 0
+        self.completion_tokens = 0
         self.cancelled = threading.Event()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = loop
-        self._release = release
+        self._release = lambda: release(self)
         self._released = False
         self._lock = threading.Lock()
 
@@ -129,69 +164,28 @@ class Job:
                 return
 
 
-class Row:
-    """Worker-side state of one sequence: sampling, detokenizing, stop strings, counting."""
-
-    def __init__(self, job: Job, tokenizer, eos: set[int]):
-        r = job.request
-        self.job = job
-        self.sampler = make_sampler(r.temperature, r.top_p, 0, 0.0, r.seed) if r.temperature > 0 else None
-        self.bias = None
-        if r.logit_bias:
-            self.bias = (mx.array(list(r.logit_bias), dtype=mx.int32), mx.array(list(r.logit_bias.values())))
-        self.constraint = r.constraint.processor() if r.constraint is not None else None
-        self.detok = tokenizer.detokenizer
-        self.matcher = StopMatcher(r.stop)
-        self.eos = eos
-        self.n = 0
-        self.done = False
-
-    @property
-    def individual(self) -> bool:
-        """Whether this row is sampled on its own (not by the batch-wide argmax)."""
-        return self.sampler is not None or self.bias is not None or self.constraint is not None
-
-    def accept(self, token: int) -> tuple[str, str | None]:
-        """One generated token -> (text to emit, finish reason or None); as stream_generate does."""
-        self.n += 1
-        if token in self.eos:
-            self.detok.finalize()
-            text, _ = self.matcher.feed(self.detok.last_segment)
-            return text + self.matcher.flush(), "stop"
-        self.detok.add_token(token)
-        text, stopped = self.matcher.feed(self.detok.last_segment)
-        if stopped:
-            return text, "stop"
-        if self.n >= self.job.request.max_tokens:
-            self.detok.finalize()
-            more, stopped = self.matcher.feed(self.detok.last_segment)
-            return text + more + ("" if stopped else self.matcher.flush()), "stop" if stopped else "length"
-        return text, None
-
-
 class Engine:
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 16, prefill_step: int = 512):
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 16, prefill_step: int = 512,
+                 prefix_cache: PrefixCache | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
+                 quantized_kv_start: int = 0, max_kv_bytes: int | None = None):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.prefill_step = max_batch, max_queue, prefill_step
-        self.eos = set(tokenizer.eos_token_ids)
-        # Overlap: queue step n+1 before handing out the tokens of step n. That hides host work
-        # behind a GPU; the CPU backend computes most of a step inside async_eval, so there it
-        # would only hold every token back by one step.
+        self.prefix_cache = prefix_cache
+        self.kv = dict(kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start)
+        self.max_kv_bytes = max_kv_bytes
+        self.bytes_per_token = kv_bytes_per_token(model, kv_bits, kv_group_size)
+        # Overlap: queue step n+1 before handing out the tokens of step n (see engine.core).
         self.overlap = mx.default_device() != mx.cpu
         self._cond = threading.Condition()
         self._incoming: collections.deque[Job] = collections.deque()
         self._in_system = 0  # requests admitted and not yet finished or cancelled
+        self._reserved = 0  # KV bytes those requests may use
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # worker-only state
-        self._waiting: collections.deque[Row] = collections.deque()  # admitted, prompt not read yet
-        self._group = None  # (prefill, rows): prompts being read together
-        self._rows: list[Row] = []
-        self._batch = None
-        self._inputs: mx.array | None = None  # (B,) the next input token of every row
-        self._pending = None  # (rows, tokens, logprobs) of the step queued last, not yet handed out
+        self._core: BatchEngine | None = None  # worker-only
+        self._jobs: dict[int, Job] = {}  # worker-only: engine uid -> job
 
     # -- the event-loop side ---------------------------------------------------------------
 
@@ -211,20 +205,30 @@ class Engine:
         return self._in_system
 
     def submit(self, request: GenRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        need = (len(request.prompt) + request.max_tokens) * self.bytes_per_token
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if self._in_system >= self.max_batch + self.max_queue:
                 raise QueueFull(f"{self._in_system} requests are running or waiting; try again later")
+            if self.max_kv_bytes is not None and need > self.max_kv_bytes:
+                raise KVBudgetFull(f"the prompt and max_tokens need {need} bytes of KV cache, more than the "
+                                   f"server's --max-kv-bytes {self.max_kv_bytes}; send a shorter prompt or "
+                                   "lower max_tokens", never=True)
+            if self.max_kv_bytes is not None and self._reserved + need > self.max_kv_bytes:
+                raise KVBudgetFull(f"the KV cache budget is in use ({self._reserved} of {self.max_kv_bytes} "
+                                   "bytes); try again shortly", never=False)
             self._in_system += 1
-            job = Job(request, loop, self._release)
+            self._reserved += need
+            job = Job(request, loop, self._release, need)
             self._incoming.append(job)
             self._cond.notify_all()
         return job
 
-    def _release(self) -> None:
+    def _release(self, job: Job) -> None:
         with self._cond:
             self._in_system -= 1
+            self._reserved -= job.kv_bytes
             self._cond.notify_all()
 
     # -- the worker --------------------------------------------------------------------------
@@ -238,25 +242,23 @@ class Engine:
             if hasattr(mx, "clear_streams"):
                 mx.clear_streams()
 
+    def _new_core(self) -> BatchEngine:
+        return BatchEngine(self.model, self.tokenizer, max_batch=self.max_batch, prefill_step=self.prefill_step,
+                           prefix_cache=self.prefix_cache, overlap=self.overlap, **self.kv)
+
     def _loop(self) -> None:
-        self._batch = make_batch(self.model)
+        self._core = self._new_core()
         while True:
             with self._cond:
-                while not (self._incoming or self._waiting or self._group or self._rows or self._pending
-                           or self._stopping):
+                while not (self._incoming or self._core.has_work or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     break
-                while self._incoming and self._admitted() < self.max_batch:
-                    job = self._incoming.popleft()
-                    if job.cancelled.is_set():
-                        continue
-                    try:
-                        self._waiting.append(Row(job, self.tokenizer, self.eos))
-                    except Exception as e:  # settings the checks let through but MLX refuses
-                        job._put(Failed(f"cannot start this request: {type(e).__name__}: {e}"))
+                while self._incoming and len(self._jobs) < self.max_batch:
+                    self._admit(self._incoming.popleft())
             try:
-                self._iteration()
+                self._drop_cancelled()
+                self._deliver(self._core.step())
             except Exception as e:  # a bug or out of memory: fail the active requests, keep serving
                 log.exception("generation failed")
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
@@ -266,121 +268,46 @@ class Engine:
                 job._put(Failed("the server is shutting down"))
             self._incoming.clear()
 
-    def _iteration(self) -> None:
-        if not self.overlap and self._pending is not None:
-            self._hand_out(*self._pending)
-            self._pending = None
-        self._drop_cancelled()
-        self._prefill_some()
-        step = self._decode() if self._rows else None
-        if self._pending is not None:
-            self._hand_out(*self._pending)
-        self._pending = step
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        r = job.request
+        try:
+            sampler = make_sampler(r.temperature, r.top_p, 0, 0.0, r.seed) if r.temperature > 0 else None
+            processors = [make_logit_bias(r.logit_bias)] if r.logit_bias else []
+            if r.constraint is not None:  # last: nothing after it can give a masked token weight again
+                processors.append(r.constraint.processor())
+            job.uid = self._core.add(r.prompt, max_tokens=r.max_tokens, sampler=sampler,
+                                     logits_processors=processors, stop=r.stop, logprobs=r.logprobs is not None)
+        except Exception as e:  # settings the checks let through but MLX refuses
+            job._put(Failed(f"cannot start this request: {type(e).__name__}: {e}"))
+            return
+        self._jobs[job.uid] = job
 
     def _drop_cancelled(self) -> None:
-        self._waiting = collections.deque(r for r in self._waiting if not r.job.cancelled.is_set())
-        if self._group is not None and all(r.job.cancelled.is_set() for r in self._group[1]):
-            self._group = None
-        gone = [i for i, r in enumerate(self._rows) if r.job.cancelled.is_set()]
-        if gone:
-            self._remove(gone)
+        for uid, job in list(self._jobs.items()):
+            if job.cancelled.is_set():
+                self._core.cancel(uid)
+                del self._jobs[uid]
 
-    def _remove(self, indices: list[int]) -> None:
-        drop = set(indices)
-        for i in drop:
-            self._rows[i].done = True
-        keep = [i for i in range(len(self._rows)) if i not in drop]
-        self._batch.keep(keep)
-        self._rows = [self._rows[i] for i in keep]
-        self._inputs = self._inputs[mx.array(keep, dtype=mx.int32)] if keep else None
-
-    def _admitted(self) -> int:
-        return len(self._rows) + len(self._waiting) + (len(self._group[1]) if self._group else 0)
-
-    def _prefill_some(self) -> None:
-        """One prefill call of at most about `prefill_step` tokens: waiting prompts are read
-        together (left-padded), a long one alone in chunks; read prompts join the batch."""
-        if self._group is None and self._waiting:
-            rows = [self._waiting.popleft()]
-            longest = len(rows[0].job.request.prompt)
-            while self._waiting:
-                longer = max(longest, len(self._waiting[0].job.request.prompt))
-                if (len(rows) + 1) * longer > self.prefill_step:
-                    break
-                rows.append(self._waiting.popleft())
-                longest = longer
-            self._group = (self._batch.prefill([r.job.request.prompt for r in rows]), rows)
-        if self._group is None:
-            return
-        prefill, rows = self._group
-        if not prefill.done:
-            prefill.run(self.prefill_step)
-        if not prefill.done:
-            return
-        self._group = None
-        self._batch.add(prefill)
-        self._rows.extend(rows)
-        # The first tokens come from the prefill's last position: handed out now, not a step later.
-        first, logprobs = self._sample(rows, prefill.logits, None)
-        mx.eval(first, logprobs)
-        self._inputs = first if self._inputs is None else mx.concatenate([self._inputs, first])
-        self._hand_out(rows, first, logprobs)
-
-    def _decode(self):
-        """Queues one step for every active row; returns (rows, tokens (B,), logprobs (B, V))."""
-        tokens, logprobs = self._sample(self._rows, self._batch.step(self._inputs), self._inputs)
-        self._inputs = tokens
-        wanted = [tokens, *self._batch.state()]
-        if any(r.job.request.logprobs is not None for r in self._rows):
-            wanted.append(logprobs)
-        mx.async_eval(wanted)
-        return list(self._rows), tokens, logprobs
-
-    @staticmethod
-    def _sample(rows: list[Row], logits: mx.array, fed: mx.array | None) -> tuple[mx.array, mx.array]:
-        """logits (B, V) -> next tokens (B,) and log-probabilities (B, V); greedy rows in one argmax.
-        fed: the tokens (B,) that produced these logits (None after a prefill): constrained rows
-        move their matchers on by them before masking."""
-        fed_ids = fed.tolist() if fed is not None and any(r.constraint for r in rows) else None
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # (B, V), lazy: evaluated only if used
-        tokens = mx.argmax(logits, axis=-1).astype(mx.int32)  # (B,) the same argmax, without B x V exps
-        if any(r.individual for r in rows):
-            parts = []
-            for i, r in enumerate(rows):
-                if not r.individual:
-                    parts.append(tokens[i : i + 1])
-                    continue
-                lp = logprobs[i : i + 1]
-                if r.bias is not None:
-                    lp = lp.at[:, r.bias[0]].add(r.bias[1].astype(lp.dtype))
-                if r.constraint is not None:
-                    if fed_ids is not None:
-                        r.constraint.advance([fed_ids[i]])
-                    lp = r.constraint.mask(lp)
-                parts.append((r.sampler(lp) if r.sampler else mx.argmax(lp, axis=-1)).astype(mx.int32))
-            tokens = mx.concatenate(parts)
-        return tokens, logprobs
-
-    def _hand_out(self, rows: list[Row], tokens: mx.array, logprobs: mx.array) -> None:
-        """Turns a finished step into events; removes the rows that are done."""
-        ids = tokens.tolist()
-        finished = []
-        for i, (row, token) in enumerate(zip(rows, ids)):
-            if row.done or row.job.cancelled.is_set():
+    def _deliver(self, outputs) -> None:
+        """Turns the engine's outputs into events for their requests."""
+        for out in outputs:
+            job = self._jobs.get(out.uid)
+            if job is None or job.cancelled.is_set():
                 continue
-            text, reason = row.accept(token)
+            job.cached_tokens = out.cached_tokens
+            job.completion_tokens += out.token >= 0
             lps = []
-            k = row.job.request.logprobs
-            if k is not None and token not in self.eos:
-                lps.append(self._logprob(np.array(logprobs[i]), token, k))
-            if text or lps:
-                row.job._put(Delta(text, lps))
-            if reason is not None:
-                row.job._put(Done(reason, len(row.job.request.prompt), row.n))
-                row.done = True
-                finished.append(row)
-        if finished:
-            self._remove([i for i, r in enumerate(self._rows) if r.done])
+            k = job.request.logprobs
+            if k is not None and out.logprobs is not None and out.token not in self._core.eos:
+                lps.append(self._logprob(np.array(out.logprobs), out.token, k))
+            if out.text or lps:
+                job._put(Delta(out.text, lps))
+            if out.finish_reason is not None:
+                del self._jobs[out.uid]
+                n = len(job.request.prompt)
+                job._put(Done(out.finish_reason, n, job.completion_tokens, job.cached_tokens))
 
     @staticmethod
     def _logprob(lp: np.ndarray, token: int, k: int) -> TokenLogprob:
@@ -392,9 +319,8 @@ class Engine:
         return TokenLogprob(token, float(lp[token]), top)
 
     def _fail_all(self, message: str) -> None:
-        for row in [*self._rows, *self._waiting, *(self._group[1] if self._group else [])]:
-            if not row.done:
-                row.done = True
-                row.job._put(Failed(message))
-        self._rows, self._waiting, self._group, self._pending, self._inputs = [], collections.deque(), None, None, None
-        self._batch = make_batch(self.model)
+        for uid, job in list(self._jobs.items()):
+            job._put(Failed(message))
+        self._jobs.clear()
+        if self._core is not None:
+            self._core.reset()

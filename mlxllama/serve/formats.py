@@ -9,9 +9,10 @@ from typing import Any
 from .engine import Done, TokenLogprob
 
 
-def usage(done: Done) -> dict[str, int]:
+def usage(done: Done) -> dict[str, Any]:
     return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": done.cached_tokens}}
 
 
 class Formatter:

@@ -1,0 +1,716 @@
+// Affine quantized matmul on the CPU: out = x @ dequantize(w).T, multi-threaded over output rows,
+// vectorised (AVX-512 / AVX2+FMA chosen at run time on x86-64; the compiler's own vectors elsewhere).
+//
+// Packing (MLX's): element k of a row sits in bits [bits*(k % (32/bits)), ...) of uint32 k*bits/32,
+// so in bytes (little-endian) byte j holds elements j*P .. j*P+P-1, P = 8/bits, lowest bits first.
+// The kernel reads 16 bytes at a time, widens them to 16 int32 lanes and takes sub-element i of
+// every byte with one shift and mask. The activations are permuted once per call to match:
+// within each run of 16*P elements, xp[i*16 + j] = x[j*P + i]. Then
+//   out[m, n] = sum_g scale[n, g] * sum_{k in g} xp[m, k] q[n, k] + sum_g bias[n, g] * sum_{k in g} x[m, k].
+// Many rows (prefill) go another way: a tile of w is dequantized to float32 and handed to the
+// CBLAS sgemm that MLX's own float32 matmul uses.
+
+#include "qmm.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <mutex>
+#include <stdexcept>
+#include <thread>
+#include <vector>
+
+#include <dlfcn.h>
+#include <sched.h>
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define MLXLLAMA_X86 1
+#include <immintrin.h>
+#endif
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+
+extern "C" void cblas_sgemm(
+    int layout, int transa, int transb, int m, int n, int k, float alpha, const float* a, int lda,
+    const float* b, int ldb, float beta, float* c, int ldc);
+
+namespace mlxllama {
+
+namespace {
+
+std::atomic<int> max_kernel_rows{16}; // more rows: dequantized tiles + sgemm
+constexpr int kCblasRowMajor = 101, kCblasNoTrans = 111, kCblasTrans = 112;
+
+// ---------------------------------------------------------------------------------------------
+// A small pool: the calling thread plus (threads - 1) workers share tasks through an atomic
+// counter. The caller never waits for a worker that has not started: it takes whatever tasks are
+// left and waits only for tasks already running (on a busy machine a sleeping worker may take
+// milliseconds to be scheduled). Workers spin briefly after a job (decode issues matmuls
+// microseconds apart), then sleep.
+
+class Pool {
+ public:
+  explicit Pool(int threads) {
+    resize(threads);
+  }
+  ~Pool() {
+    stop_workers();
+  }
+
+  int threads() const {
+    return static_cast<int>(workers_.size()) + 1;
+  }
+
+  void resize(int threads) {
+    std::lock_guard<std::mutex> run(run_mu_);
+    stop_workers();
+    stop_ = false;
+    const uint64_t now = generation_.load(); // a worker waits for the next job, whenever it starts
+    for (int i = 1; i < std::max(1, threads); ++i) {
+      workers_.emplace_back([this, now] { worker_loop(now); });
+    }
+  }
+
+  // Runs f(0) .. f(tasks - 1); returns when all are done.
+  void run(int tasks, const std::function<void(int)>& f) {
+    std::unique_lock<std::mutex> run(run_mu_, std::try_to_lock);
+    if (tasks <= 1 || workers_.empty() || !run.owns_lock()) {
+      for (int i = 0; i < tasks; ++i) f(i);
+      return;
+    }
+    job_ = &f;
+    tasks_.store(tasks);
+    done_.store(0);
+    next_.store(0, std::memory_order_release);
+    generation_.fetch_add(1);
+    if (sleeping_.load() > 0) {
+      { std::lock_guard<std::mutex> lk(mu_); }
+      cv_.notify_all();
+    }
+    work();
+    for (int spin = 0; done_.load(std::memory_order_acquire) != tasks; ++spin) {
+      if (spin < 4096) {
+        relax();
+      } else {
+        std::this_thread::yield();
+      }
+    }
+  }
+
+ private:
+  static void relax() {
+#ifdef MLXLLAMA_X86
+    _mm_pause();
+#else
+    std::this_thread::yield();
+#endif
+  }
+
+  void work() {
+    for (int i; (i = next_.fetch_add(1, std::memory_order_acq_rel)) < tasks_.load();) {
+      (*job_)(i);
+      done_.fetch_add(1, std::memory_order_release);
+    }
+  }
+
+  void worker_loop(uint64_t seen) {
+    using clock = std::chrono::steady_clock;
+    while (true) {
+      const auto until = clock::now() + std::chrono::microseconds(200);
+      for (int spin = 0; generation_.load(std::memory_order_acquire) == seen && !stop_; ++spin) {
+        relax();
+        if ((spin & 63) == 63 && clock::now() > until) break;
+      }
+      if (generation_.load() == seen && !stop_) {
+        std::unique_lock<std::mutex> lk(mu_);
+        sleeping_.fetch_add(1);
+        cv_.wait(lk, [&] { return stop_ || generation_.load() != seen; });
+        sleeping_.fetch_sub(1);
+      }
+      if (stop_) return;
+      seen = generation_.load();
+      work();
+    }
+  }
+
+  void stop_workers() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : workers_) t.join();
+    workers_.clear();
+  }
+
+  std::vector<std::thread> workers_;
+  std::mutex run_mu_, mu_;
+  std::condition_variable cv_;
+  const std::function<void(int)>* job_ = nullptr;
+  std::atomic<int> tasks_{0}, next_{0}, done_{0}, sleeping_{0};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<bool> stop_{false};
+};
+
+int default_threads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    return std::max(1, CPU_COUNT(&set));
+  }
+  return std::max(1u, std::thread::hardware_concurrency());
+}
+
+Pool& pool() {
+  static Pool p(default_threads());
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels. One call computes out rows m0 .. m0 + MB - 1, output columns n0 .. n1 - 1.
+
+struct Args {
+  const float* xp; // (M, K) permuted activations
+  const float* xsum; // (M, G) per-group sums of x
+  const uint8_t* w; // (N, K * bits / 8)
+  const float* scales; // (N, G)
+  const float* biases; // (N, G)
+  float* out; // (M, N)
+  int M, N, K, G, group_size;
+};
+
+inline float bias_term(const Args& a, int n, int m) {
+  const float* b = a.biases + static_cast<size_t>(n) * a.G;
+  const float* s = a.xsum + static_cast<size_t>(m) * a.G;
+  float t = 0.f;
+  for (int g = 0; g < a.G; ++g) t += b[g] * s[g];
+  return t;
+}
+
+template <int BITS, int MB>
+void rows_generic(const Args& a, int m0, int n0, int n1) {
+  constexpr int P = 8 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
+    float tot[MB] = {};
+    for (int g = 0; g < a.G; ++g) {
+      float acc[MB][16] = {};
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        const uint8_t* b = wr + chunk * 16;
+        const float* xb = xp + chunk * 16 * P;
+        for (int i = 0; i < P; ++i) {
+          float q[16];
+          for (int j = 0; j < 16; ++j) q[j] = static_cast<float>((b[j] >> (i * BITS)) & MASK);
+          for (int m = 0; m < MB; ++m) {
+            const float* xr = xb + static_cast<size_t>(m) * a.K + i * 16;
+            for (int j = 0; j < 16; ++j) acc[m][j] += xr[j] * q[j];
+          }
+        }
+      }
+      for (int m = 0; m < MB; ++m) {
+        float t = 0.f;
+        for (int j = 0; j < 16; ++j) t += acc[m][j];
+        tot[m] += sr[g] * t;
+      }
+    }
+    for (int m = 0; m < MB; ++m) {
+      a.out[static_cast<size_t>(m0 + m) * a.N + n] = tot[m] + bias_term(a, n, m0 + m);
+    }
+  }
+}
+
+#ifdef MLXLLAMA_X86
+template <int BITS, int MB>
+__attribute__((target("avx512f"))) void rows_avx512(const Args& a, int m0, int n0, int n1) {
+  constexpr int P = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
+  const size_t K = a.K;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
+    __m512 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
+    for (int g = 0; g < a.G; ++g) {
+      __m512 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + chunk * 16)));
+        const float* xb = xp + chunk * 16 * P;
+        for (int i = 0; i < P; ++i) {
+          __m512i qi = v;
+          if constexpr (BITS != 8) qi = _mm512_and_si512(_mm512_srli_epi32(v, i * BITS), mask);
+          const __m512 q = _mm512_cvtepi32_ps(qi);
+          for (int m = 0; m < MB; ++m) {
+            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + m * K + i * 16), q, acc[m]);
+          }
+        }
+      }
+      const __m512 s = _mm512_set1_ps(sr[g]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], s, tot[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      a.out[static_cast<size_t>(m0 + m) * a.N + n] = _mm512_reduce_add_ps(tot[m]) + bias_term(a, n, m0 + m);
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+template <int BITS, int MB>
+__attribute__((target("avx2,fma"))) void rows_avx2(const Args& a, int m0, int n0, int n1) {
+  constexpr int P = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
+  const size_t K = a.K;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
+    __m256 tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    for (int g = 0; g < a.G; ++g) {
+      __m256 acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        const float* xb = xp + chunk * 16 * P;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + chunk * 16 + h * 8)));
+          for (int i = 0; i < P; ++i) {
+            __m256i qi = v;
+            if constexpr (BITS != 8) qi = _mm256_and_si256(_mm256_srli_epi32(v, i * BITS), mask);
+            const __m256 q = _mm256_cvtepi32_ps(qi);
+            for (int m = 0; m < MB; ++m) {
+              acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + i * 16 + h * 8), q, acc[m]);
+            }
+          }
+        }
+      }
+      const __m256 s = _mm256_set1_ps(sr[g]);
+      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(acc[m], s, tot[m]);
+    }
+    for (int m = 0; m < MB; ++m) {
+      a.out[static_cast<size_t>(m0 + m) * a.N + n] = hsum256(tot[m]) + bias_term(a, n, m0 + m);
+    }
+  }
+}
+#endif
+
+enum class Isa { generic, avx2, avx512 };
+
+Isa detect_isa() {
+#ifdef MLXLLAMA_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+#endif
+  return Isa::generic;
+}
+
+const Isa kIsa = detect_isa();
+
+using RowsFn = void (*)(const Args&, int, int, int);
+
+template <int BITS, int MB>
+RowsFn pick_fixed() {
+#ifdef MLXLLAMA_X86
+  if (kIsa == Isa::avx512) return rows_avx512<BITS, MB>;
+  if (kIsa == Isa::avx2) return rows_avx2<BITS, MB>;
+#endif
+  return rows_generic<BITS, MB>;
+}
+
+template <int BITS>
+RowsFn pick_rows(int mb) {
+  switch (mb) {
+    case 1: return pick_fixed<BITS, 1>();
+    case 2: return pick_fixed<BITS, 2>();
+    case 3: return pick_fixed<BITS, 3>();
+    case 4: return pick_fixed<BITS, 4>();
+    case 5: return pick_fixed<BITS, 5>();
+    case 6: return pick_fixed<BITS, 6>();
+    case 7: return pick_fixed<BITS, 7>();
+    default: return pick_fixed<BITS, 8>();
+  }
+}
+
+RowsFn pick(int bits, int mb) {
+  switch (bits) {
+    case 2: return pick_rows<2>(mb);
+    case 4: return pick_rows<4>(mb);
+    default: return pick_rows<8>(mb);
+  }
+}
+
+int max_block_rows() {
+  return kIsa == Isa::avx512 ? 8 : 4; // AVX2 / generic: 16 vector registers
+}
+
+// ---------------------------------------------------------------------------------------------
+// Activations: gather (any strides) into the permuted layout, with per-group sums.
+
+// Element offsets of row m of x viewed as (M, K): x may be any strided view.
+void gather_rows(const mx::array& x, int M, int K, float* dst) {
+  const float* src = x.data<float>();
+  if (x.flags().row_contiguous) {
+    std::memcpy(dst, src, sizeof(float) * static_cast<size_t>(M) * K);
+    return;
+  }
+  const auto& shape = x.shape();
+  const auto& strides = x.strides();
+  const int nd = x.ndim();
+  std::vector<int64_t> idx(nd, 0);
+  const size_t total = static_cast<size_t>(M) * K;
+  for (size_t e = 0; e < total; ++e) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * strides[d];
+    dst[e] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < shape[d]) break;
+      idx[d] = 0;
+    }
+  }
+}
+
+void permute_rows(const float* x, int M, int K, int bits, int group_size, float* xp, float* xsum) {
+  const int P = 8 / bits, run = 16 * P, G = K / group_size;
+  for (int m = 0; m < M; ++m) {
+    const float* xr = x + static_cast<size_t>(m) * K;
+    float* pr = xp + static_cast<size_t>(m) * K;
+    for (int base = 0; base < K; base += run) {
+      for (int j = 0; j < 16; ++j) {
+        for (int i = 0; i < P; ++i) pr[base + i * 16 + j] = xr[base + j * P + i];
+      }
+    }
+    for (int g = 0; g < G; ++g) {
+      float s = 0.f;
+      for (int k = 0; k < group_size; ++k) s += xr[g * group_size + k];
+      xsum[static_cast<size_t>(m) * G + g] = s;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Many rows: dequantize tiles of w and multiply with sgemm. A dot product does not care about the
+// order of k, so the tile is dequantized in the permuted order (vector stores) and multiplied with
+// the permuted activations.
+
+template <int BITS>
+void dequant_generic(const Args& a, int n0, int n1, float* dst) {
+  constexpr int P = 8 / BITS;
+  constexpr uint32_t MASK = (1u << BITS) - 1;
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    float* d = dst + static_cast<size_t>(n - n0) * a.K;
+    for (int g = 0; g < a.G; ++g) {
+      const float s = a.scales[static_cast<size_t>(n) * a.G + g], b = a.biases[static_cast<size_t>(n) * a.G + g];
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        const uint8_t* by = wr + chunk * 16;
+        float* dc = d + chunk * 16 * P;
+        for (int i = 0; i < P; ++i) {
+          for (int j = 0; j < 16; ++j) dc[i * 16 + j] = s * static_cast<float>((by[j] >> (i * BITS)) & MASK) + b;
+        }
+      }
+    }
+  }
+}
+
+#ifdef MLXLLAMA_X86
+template <int BITS>
+__attribute__((target("avx512f"))) void dequant_avx512(const Args& a, int n0, int n1, float* dst) {
+  constexpr int P = 8 / BITS;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    float* d = dst + static_cast<size_t>(n - n0) * a.K;
+    for (int g = 0; g < a.G; ++g) {
+      const __m512 s = _mm512_set1_ps(a.scales[static_cast<size_t>(n) * a.G + g]);
+      const __m512 b = _mm512_set1_ps(a.biases[static_cast<size_t>(n) * a.G + g]);
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        const __m512i v =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + chunk * 16)));
+        for (int i = 0; i < P; ++i) {
+          __m512i qi = v;
+          if constexpr (BITS != 8) qi = _mm512_and_si512(_mm512_srli_epi32(v, i * BITS), mask);
+          _mm512_storeu_ps(d + chunk * 16 * P + i * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(qi), s, b));
+        }
+      }
+    }
+  }
+}
+
+template <int BITS>
+__attribute__((target("avx2,fma"))) void dequant_avx2(const Args& a, int n0, int n1, float* dst) {
+  constexpr int P = 8 / BITS;
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const int chunks = a.group_size / (16 * P);
+  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
+  for (int n = n0; n < n1; ++n) {
+    const uint8_t* wr = a.w + n * row_bytes;
+    float* d = dst + static_cast<size_t>(n - n0) * a.K;
+    for (int g = 0; g < a.G; ++g) {
+      const __m256 s = _mm256_set1_ps(a.scales[static_cast<size_t>(n) * a.G + g]);
+      const __m256 b = _mm256_set1_ps(a.biases[static_cast<size_t>(n) * a.G + g]);
+      for (int c = 0; c < chunks; ++c) {
+        const int chunk = g * chunks + c;
+        for (int h = 0; h < 2; ++h) {
+          const __m256i v = _mm256_cvtepu8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + chunk * 16 + h * 8)));
+          for (int i = 0; i < P; ++i) {
+            __m256i qi = v;
+            if constexpr (BITS != 8) qi = _mm256_and_si256(_mm256_srli_epi32(v, i * BITS), mask);
+            _mm256_storeu_ps(d + chunk * 16 * P + i * 16 + h * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), s, b));
+          }
+        }
+      }
+    }
+  }
+}
+#endif
+
+using DequantFn = void (*)(const Args&, int, int, float*);
+
+template <int BITS>
+DequantFn pick_dequant_bits() {
+#ifdef MLXLLAMA_X86
+  if (kIsa == Isa::avx512) return dequant_avx512<BITS>;
+  if (kIsa == Isa::avx2) return dequant_avx2<BITS>;
+#endif
+  return dequant_generic<BITS>;
+}
+
+DequantFn pick_dequant(int bits) {
+  switch (bits) {
+    case 2: return pick_dequant_bits<2>();
+    case 4: return pick_dequant_bits<4>();
+    default: return pick_dequant_bits<8>();
+  }
+}
+
+// MKL's per-thread thread count, C interface (dlsym: absent with other BLAS libraries).
+using SetLocalThreads = int (*)(int);
+SetLocalThreads mkl_set_local_threads() {
+  static SetLocalThreads f = reinterpret_cast<SetLocalThreads>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return f;
+}
+
+void run_dense(const Args& a, int bits) {
+  const DequantFn dequant = pick_dequant(bits);
+  const int tile = std::min(a.N, std::max(32, (256 << 10) / std::max(1, a.K))); // about 1 MB: stays in L2
+  const int tiles = (a.N + tile - 1) / tile;
+  auto body = [&](int t) {
+    thread_local std::vector<float> buf;
+    buf.resize(static_cast<size_t>(tile) * a.K);
+    const int t0 = t * tile, t1 = std::min(a.N, t0 + tile);
+    dequant(a, t0, t1, buf.data());
+    cblas_sgemm(kCblasRowMajor, kCblasNoTrans, kCblasTrans, a.M, t1 - t0, a.K, 1.0f, a.xp, a.K, buf.data(), a.K,
+                0.0f, a.out + t0, a.N);
+  };
+  if (SetLocalThreads set_local = mkl_set_local_threads()) {
+    // One sequential sgemm per tile on each of our threads (no nested thread teams).
+    pool().run(tiles, [&](int t) {
+      const int previous = set_local(1);
+      body(t);
+      set_local(previous);
+    });
+  } else {
+    for (int t = 0; t < tiles; ++t) body(t); // the BLAS threads each call itself
+  }
+}
+
+void run_kernel(const Args& a, int bits) {
+  const int mb_max = max_block_rows();
+  // Split columns so every thread gets several tasks; small problems run on one thread.
+  const size_t work = static_cast<size_t>(a.N) * a.K * a.M;
+  const int threads = work < (1 << 16) ? 1 : pool().threads();
+  const int per = std::max(4, (a.N + threads * 4 - 1) / (threads * 4));
+  const int tasks = (a.N + per - 1) / per;
+  auto body = [&](int task) {
+    const int n0 = task * per, n1 = std::min(a.N, n0 + per);
+    for (int m0 = 0; m0 < a.M; m0 += mb_max) {
+      const int mb = std::min(mb_max, a.M - m0);
+      pick(bits, mb)(a, m0, n0, n1);
+    }
+  };
+  if (threads == 1) {
+    for (int t = 0; t < tasks; ++t) body(t);
+  } else {
+    pool().run(tasks, body);
+  }
+}
+
+void quantized_matmul_cpu(const mx::array& x, const mx::array& w, const mx::array& scales,
+                          const mx::array& biases, mx::array& out, int group_size, int bits) {
+  const int K = x.shape(-1);
+  const int M = static_cast<int>(x.size() / std::max(1, K));
+  const int N = w.shape(0);
+  Args a{};
+  a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
+  a.scales = scales.data<float>();
+  a.biases = biases.data<float>();
+  a.out = out.data<float>();
+  a.M = M, a.N = N, a.K = K, a.G = K / group_size, a.group_size = group_size;
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    std::fill(a.out, a.out + static_cast<size_t>(M) * N, 0.f);
+    return;
+  }
+  thread_local std::vector<float> xbuf, xpbuf, sumbuf;
+  xbuf.resize(static_cast<size_t>(M) * K);
+  gather_rows(x, M, K, xbuf.data());
+  xpbuf.resize(static_cast<size_t>(M) * K);
+  sumbuf.resize(static_cast<size_t>(M) * a.G);
+  permute_rows(xbuf.data(), M, K, bits, group_size, xpbuf.data(), sumbuf.data());
+  a.xp = xpbuf.data();
+  a.xsum = sumbuf.data();
+  if (M > max_kernel_rows.load()) {
+    run_dense(a, bits);
+  } else {
+    run_kernel(a, bits);
+  }
+}
+
+void require_contiguous(const mx::array& a, const char* what) {
+  if (!a.flags().row_contiguous) {
+    throw std::invalid_argument(std::string("[qmm] ") + what + " must be row-contiguous");
+  }
+}
+
+} // namespace
+
+bool qmm_supported(int bits, int group_size) {
+  if (bits != 2 && bits != 4 && bits != 8) return false;
+  if (group_size != 32 && group_size != 64 && group_size != 128) return false;
+  return group_size * bits % 128 == 0; // whole 16-byte runs per group
+}
+
+const char* qmm_isa() {
+  switch (kIsa) {
+    case Isa::avx512: return "avx512";
+    case Isa::avx2: return "avx2";
+    default: return "generic";
+  }
+}
+
+int qmm_max_rows() {
+  return max_kernel_rows.load();
+}
+
+void set_qmm_max_rows(int rows) {
+  max_kernel_rows.store(std::clamp(rows, 0, 16));
+}
+
+int qmm_threads() {
+  return pool().threads();
+}
+
+void set_qmm_threads(int n) {
+  pool().resize(n <= 0 ? default_threads() : n);
+}
+
+mx::array qmm(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+              int group_size, int bits) {
+  if (!qmm_supported(bits, group_size)) {
+    throw std::invalid_argument("[qmm] unsupported bits/group_size: " + std::to_string(bits) + "/" +
+                                std::to_string(group_size));
+  }
+  if (x.dtype() != mx::float32) throw std::invalid_argument("[qmm] x must be float32");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) throw std::invalid_argument("[qmm] w must be a 2-D uint32 array");
+  if (x.ndim() < 1) throw std::invalid_argument("[qmm] x must have at least one dimension");
+  const int K = w.shape(1) * 32 / bits;
+  if (x.shape(-1) != K) {
+    throw std::invalid_argument("[qmm] x has " + std::to_string(x.shape(-1)) + " features, w expects " +
+                                std::to_string(K));
+  }
+  mx::Shape sshape{w.shape(0), K / group_size};
+  auto s = mx::default_stream(mx::Device(mx::Device::cpu));
+  auto sc = mx::astype(scales, mx::float32, s), bi = mx::astype(biases, mx::float32, s);
+  if (sc.shape() != sshape || bi.shape() != sshape) {
+    throw std::invalid_argument("[qmm] scales and biases must have shape (N, K / group_size)");
+  }
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = w.shape(0);
+  return mx::array(out_shape, mx::float32, std::make_shared<QuantizedMatmulCPU>(s, group_size, bits),
+                   {x, w, sc, bi});
+}
+
+void QuantizedMatmulCPU::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  const auto& scales = inputs[2];
+  const auto& biases = inputs[3];
+  require_contiguous(w, "w");
+  require_contiguous(scales, "scales");
+  require_contiguous(biases, "biases");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_input_array(w);
+  encoder.set_input_array(scales);
+  encoder.set_input_array(biases);
+  encoder.set_output_array(out);
+  encoder.dispatch([x = mx::array::unsafe_weak_copy(x), w = mx::array::unsafe_weak_copy(w),
+                    scales = mx::array::unsafe_weak_copy(scales), biases = mx::array::unsafe_weak_copy(biases),
+                    out = mx::array::unsafe_weak_copy(out), gs = group_size_, bits = bits_]() mutable {
+    quantized_matmul_cpu(x, w, scales, biases, out, gs, bits);
+  });
+}
+
+void QuantizedMatmulCPU::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[qmm] QuantizedMatmulCPU runs on the CPU only");
+}
+
+std::vector<mx::array> QuantizedMatmulCPU::vjp(const std::vector<mx::array>& primals,
+                                               const std::vector<mx::array>& cotangents,
+                                               const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> grads;
+  for (int arg : argnums) {
+    if (arg != 0) throw std::invalid_argument("[qmm] no gradient with respect to the quantized weights");
+    // d x = cot @ dequantize(w): dequantized once, then the float32 matmul (BLAS).
+    auto wd = mx::dequantize(primals[1], primals[2], primals[3], group_size_, bits_, "affine", std::nullopt,
+                             mx::float32, stream());
+    grads.push_back(mx::matmul(cotangents[0], wd, stream()));
+  }
+  return grads;
+}
+
+std::vector<mx::Shape> QuantizedMatmulCPU::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape shape = inputs[0].shape();
+  shape.back() = inputs[1].shape(0);
+  return {shape};
+}
+
+bool QuantizedMatmulCPU::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedMatmulCPU&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+} // namespace mlxllama

@@ -1,0 +1,164 @@
+"""export-gguf: MLX folder -> GGUF -> MLX folder is exact for 4-, 5- and imported 8-bit weights; llama.cpp
+(llama-cpp-python, when installed) loads the file and its greedy tokens match ours."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlxllama._platform  # noqa: F401
+import mlx.core as mx
+import numpy as np
+import pytest
+from gguf import quants
+from gguf.constants import GGMLQuantizationType as T
+
+from gguf_tiny import float_weights, write_gguf
+from mlxllama.convert import convert, export_gguf
+from mlxllama.convert.gguf_reader import GGUFFile
+from mlxllama.errors import ConversionError
+from test_gguf import load_dense, tiny_file
+
+
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (5, 32), (8, 64)])
+def test_round_trip(tmp_path, bits, group):
+    tiny_file(tmp_path / "f.gguf", "F16")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", bits=bits, group_size=group, progress=False)
+    export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    g = GGUFFile(tmp_path / "out.gguf")
+    want = {4: "Q4_1", 5: "Q5_1", 8: "Q8_0"}[bits]
+    assert {t.type for t in g.tensors if len(t.shape) == 2} == {want}
+    assert g.metadata["tokenizer.ggml.model"] == "gpt2" and "tokenizer.chat_template" in g.metadata
+    convert(tmp_path / "out.gguf", tmp_path / "back", progress=False)
+    a, b = load_dense(tmp_path / "mlx"), load_dense(tmp_path / "back")
+    assert set(a) == set(b)
+    for k in a:
+        if bits == 8 and a[k].ndim == 2:  # Q8_0 is llama.cpp's symmetric rounding of the 8-bit values
+            assert np.abs(a[k] - b[k]).max() <= 0.01 * np.abs(a[k]).max(), k
+        else:
+            assert np.array_equal(a[k], b[k]), k
+    # gguf-py reads our blocks as the same values (MLX computed them in float16: its rounding)
+    t = next(t for t in g.tensors if t.name == "blk.0.ffn_down.weight")
+    ref = quants.dequantize(np.array(g.data(t)), T[t.type])
+    w = a["model.layers.0.mlp.down_proj.weight"]
+    assert np.abs(ref - w).max() <= (0.01 if bits == 8 else 1e-3) * np.abs(w).max()
+
+
+def test_exported_tokenizer_matches(tmp_path):
+    tiny_file(tmp_path / "f.gguf", "Q4_0")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", progress=False)
+    export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    a, b = GGUFFile(tmp_path / "f.gguf").metadata, GGUFFile(tmp_path / "out.gguf").metadata
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "tokenizer.ggml.eos_token_id", "llama.rope.freq_base", "llama.attention.head_count_kv"):
+        assert np.array_equal(np.asarray(a[key]), np.asarray(b[key])), key
+    assert list(a["tokenizer.ggml.token_type"]) == list(b["tokenizer.ggml.token_type"])
+
+
+def test_sentencepiece_vocab_round_trip(tmp_path):
+    """A sentencepiece ("llama") GGUF vocabulary survives import -> export -> import."""
+    import sentencepiece as spm
+    from tokenizers import Tokenizer
+
+    from test_convert import TEXT, make_gguf
+
+    (tmp_path / "corpus.txt").write_text(TEXT.replace(". ", ".\n") * 10)
+    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
+                                   vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
+                                   character_coverage=1.0, normalization_rule_name="identity",
+                                   remove_extra_whitespaces=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    n = sp.get_piece_size()
+    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
+    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
+          "tokenizer.ggml.scores": mx.array([sp.get_score(i) for i in range(n)], dtype=mx.float32),
+          "tokenizer.ggml.token_type": mx.array(types, dtype=mx.int32),
+          "tokenizer.ggml.bos_token_id": mx.array(sp.bos_id(), dtype=mx.uint32),
+          "tokenizer.ggml.eos_token_id": mx.array(sp.eos_id(), dtype=mx.uint32),
+          "tokenizer.ggml.unknown_token_id": mx.array(sp.unk_id(), dtype=mx.uint32)}
+    make_gguf(tmp_path / "m.gguf", md)
+    convert(tmp_path / "m.gguf", tmp_path / "a", progress=False)
+    export_gguf(tmp_path / "a", tmp_path / "e.gguf")
+    g = GGUFFile(tmp_path / "e.gguf").metadata
+    assert g["tokenizer.ggml.model"] == "llama" and list(g["tokenizer.ggml.token_type"]) == types
+    convert(tmp_path / "e.gguf", tmp_path / "b", progress=False)
+    a, b = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json")), Tokenizer.from_file(str(tmp_path / "b" / "tokenizer.json"))
+    for text in ["the quick brown fox jumps", "Then  the dog sleeps, in the sun!", "zebra ünïcödé 東京 42"]:
+        assert a.encode(text).ids == b.encode(text).ids == [sp.bos_id()] + sp.encode(text), text
+
+
+def test_export_refuses_existing_and_leaves_nothing(tmp_path):
+    tiny_file(tmp_path / "f.gguf", "Q8_0")
+    convert(tmp_path / "f.gguf", tmp_path / "mlx", progress=False)
+    (tmp_path / "out.gguf").write_text("x")
+    with pytest.raises(ConversionError, match="already exists"):
+        export_gguf(tmp_path / "mlx", tmp_path / "out.gguf")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "export-gguf", str(tmp_path / "nope"), "-o",
+                        str(tmp_path / "x.gguf")], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_fuse_help_mentions_export():
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "fuse", "--help"], capture_output=True, text=True)
+    assert "--export-gguf" in r.stdout
+
+
+# ---------------------------------------------------------------- llama.cpp (skipped without llama-cpp-python)
+
+TEXTS = ["The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is",
+         "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+         "Water boils at 100 degrees Celsius at sea level. At higher altitudes, water boils at"]
+
+
+def ours_next_tokens(folder, tokens: list[int]) -> np.ndarray:
+    from mlxllama import load
+
+    model, _ = load(str(folder))
+    return np.array(model(mx.array([tokens])).astype(mx.float32)[0].argmax(-1))
+
+
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, verbose=False, n_threads=1)
+llm.eval([4, 5, 6])
+"""
+
+
+def require_llama_cpp() -> None:
+    """Skip unless llama-cpp-python imports and decodes (a CPU build can die of an illegal instruction)."""
+    pytest.importorskip("llama_cpp")
+    if not hasattr(require_llama_cpp, "ok"):
+        from pathlib import Path
+
+        probe = Path(__file__).parent / "data" / "gguf" / "tiny-Q6_K.gguf"
+        r = subprocess.run([sys.executable, "-c", _PROBE, str(probe)], capture_output=True, timeout=300)
+        require_llama_cpp.ok = r.returncode == 0
+    if not require_llama_cpp.ok:
+        pytest.skip("llama-cpp-python is installed but its CPU build cannot decode on this machine")
+
+
+def llama_cpp_next_tokens(path, tokens: list[int]) -> np.ndarray:
+    require_llama_cpp()
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    llm.eval(tokens)
+    return np.array(llm.scores[: len(tokens)]).argmax(-1)
+
+
+@pytest.mark.slow
+def test_llama_cpp_reads_our_export(default_model_dir, tmp_path):
+    require_llama_cpp()
+    from mlxllama import load
+
+    export_gguf(default_model_dir, tmp_path / "m.gguf")
+    _, tok = load(str(default_model_dir))
+    agree = total = 0
+    for text in TEXTS:
+        tokens = tok.encode(text)
+        a, b = ours_next_tokens(default_model_dir, tokens), llama_cpp_next_tokens(tmp_path / "m.gguf", tokens)
+        agree, total = agree + int((a == b).sum()), total + len(tokens)
+    assert agree >= total - 2, f"{agree} of {total} next tokens agree"
