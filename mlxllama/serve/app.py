@@ -133,7 +133,8 @@ class Handlers:
             if e.never:
                 raise APIError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
             raise APIError(503, str(e), code="kv_cache_full", type="server_error") from None
-        fmt = Formatter(kind, self.settings.model_id, self.tokenizer, parsed.logprobs)
+        tools = parsed.tools if parsed.tool_choice != "none" else None
+        fmt = Formatter(kind, self.settings.model_id, self.tokenizer, parsed.logprobs, tools)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         if parsed.stream:
             return StreamingResponse(self.stream(job, fmt, parsed.include_usage, watcher),
@@ -162,11 +163,22 @@ class Handlers:
         try:
             if fmt.kind == "chat":
                 yield sse(fmt.chunk("", [], role=True, with_usage_field=include_usage))
+            calls = fmt.call_stream()  # chat with tools: calls are held back and sent as tool_calls
             async for event in job.events():
                 if isinstance(event, Delta):
-                    yield sse(fmt.chunk(event.text, event.logprobs, with_usage_field=include_usage))
+                    text = calls.feed(event.text) if calls else event.text
+                    if text or event.logprobs:
+                        yield sse(fmt.chunk(text, event.logprobs, with_usage_field=include_usage))
                 elif isinstance(event, Done):
-                    yield sse(fmt.chunk(None if fmt.kind == "chat" else "", [], event.finish_reason,
+                    reason = event.finish_reason
+                    if calls:
+                        rest, found = calls.finish()
+                        if rest:
+                            yield sse(fmt.chunk(rest, [], with_usage_field=include_usage))
+                        for chunk in fmt.call_chunks(found, include_usage):
+                            yield sse(chunk)
+                        reason = "tool_calls" if found else reason
+                    yield sse(fmt.chunk(None if fmt.kind == "chat" else "", [], reason,
                                         with_usage_field=include_usage))
                     if include_usage:
                         yield sse(fmt.usage_chunk(event))

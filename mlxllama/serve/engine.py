@@ -23,7 +23,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import mlx.core as mx
 import numpy as np
@@ -44,6 +44,7 @@ class GenRequest:
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and k alternatives
     logit_bias: dict[int, float] | None = None
+    constraint: Any = None  # a mlxllama.constrain.Constraint: the output follows its grammar
 
 
 @dataclass
@@ -274,6 +275,8 @@ class Engine:
         try:
             sampler = make_sampler(r.temperature, r.top_p, 0, 0.0, r.seed) if r.temperature > 0 else None
             processors = [make_logit_bias(r.logit_bias)] if r.logit_bias else []
+            if r.constraint is not None:  # last: nothing after it can give a masked token weight again
+                processors.append(r.constraint.processor())
             job.uid = self._core.add(r.prompt, max_tokens=r.max_tokens, sampler=sampler,
                                      logits_processors=processors, stop=r.stop, logprobs=r.logprobs is not None)
         except Exception as e:  # settings the checks let through but MLX refuses
