@@ -33,6 +33,11 @@ class TrainingError(MlxllamaError):
     """Fine-tuning cannot go on: bad training data, a loss that became NaN, adapters that do not fit."""
 
 
+class GrammarError(MlxllamaError):
+    """A JSON schema, regex or grammar the grammar engine cannot compile (or uses a feature it does
+    not support), or an option that cannot be combined with constrained decoding."""
+
+
 class ChatTemplateError(InputError):
     """A conversation the chat template cannot render: refused by the template or by the rules
     transformers applies (an empty conversation, continue_final_message with a generation prompt)."""

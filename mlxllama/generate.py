@@ -156,6 +156,13 @@ def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: 
             num_draft_tokens=num_draft_tokens, lookup_context=lookup_context, **kwargs,
         )
         return
+    from .constrain.decode import fast_forward_generate_step, find_constraint
+
+    constraint = find_constraint(kwargs.get("logits_processors"))
+    if constraint is not None:  # forced tokens are read in one call with the sampled one
+        for token, logprobs in fast_forward_generate_step(prompt, model, constraint=constraint, **kwargs):
+            yield token, logprobs, False
+        return
     for token, logprobs in generate_step(prompt, model, **kwargs):
         yield token, logprobs, False
 
@@ -187,6 +194,7 @@ def stream_generate(
     num_draft_tokens: int | None = None,
     lookup_context: Sequence[int] | None = None,
     compiled: bool = False,
+    response_format: Any = None,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
@@ -194,16 +202,21 @@ def stream_generate(
     """Yields a GenerationResponse per token; the last one carries finish_reason.
     lookup_context: tokens before `prompt` that prompt lookup may draft from as well, typically
     what `prompt_cache` already holds (a document, earlier chat turns).
+    response_format: constrains the output (mlxllama.constrain): a JSON schema dict, a Pydantic
+    model class, {"type": "json_object"}, {"type": "regex", "regex": ...}, a Grammar or Constraint.
     kv_bits (4 or 8): a quantized KV cache from quantized_kv_start positions on."""
     if max_tokens < 0:
         raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
     check_kv(model, kv_bits, kv_group_size, max_kv_size)
+    constraint = format_processor(tokenizer, response_format, bool(draft_model is not None or prompt_lookup))
     tokens = encode_prompt(tokenizer, prompt)
     check_prompt(model, tokens.size, prompt_cache, max_kv_size)
     sampler = sampler or make_sampler(temp, top_p, top_k, min_p, seed)
     processors = (logits_processors or []) + make_logits_processors(
         logit_bias, repetition_penalty, repetition_context_size, presence_penalty, frequency_penalty,
         prompt_tokens=tokens.size)
+    if constraint is not None:
+        processors.append(constraint)  # last: nothing after it can give a masked token weight again
     if seed is not None:
         mx.random.seed(seed)
     text_stream = TextStream(tokenizer, stop, max_tokens)
@@ -236,6 +249,21 @@ def stream_generate(
             return
     if n == 0:  # max_tokens == 0
         yield record("", -1, mx.zeros((0,)), "length")
+
+
+def format_processor(tokenizer, response_format: Any, speculative: bool = False) -> Processor | None:
+    """response_format -> the logits processor that enforces it for one sequence, or None."""
+    if response_format is None:
+        return None
+    from .constrain import constraint_for
+    from .errors import GrammarError
+
+    constraint = constraint_for(tokenizer, response_format)
+    if constraint is None:
+        return None
+    if speculative:
+        raise GrammarError("response_format cannot be combined with speculative decoding (draft model or prompt lookup)")
+    return constraint.processor()
 
 
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
@@ -284,14 +312,19 @@ def batch_generate(
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
+    response_format: Any = None,
 ) -> list[str]:
     """Generates for several prompts at once; each stops on its own EOS, stop string or max_tokens.
     samplers / logits_processors: one per prompt (None entries: the shared settings); max_batch:
     how many are decoded together (default: all); prefix_cache: an engine.PrefixCache to reuse
-    and fill."""
+    and fill; response_format: one format for every prompt, or a list with one per prompt (None:
+    free text), enforced by a per-row constraint processor."""
     from .engine import BatchEngine
 
     encoded = [encode_prompt(tokenizer, p).tolist() for p in prompts]
+    formats = list(response_format) if isinstance(response_format, (list, tuple)) else [response_format] * len(encoded)
+    if len(formats) != len(encoded):
+        raise InputError(f"response_format has {len(formats)} entries for {len(encoded)} prompts")
     for toks in encoded:
         check_prompt(model, len(toks), None, None)
     check_kv(model, kv_bits, kv_group_size)
@@ -299,6 +332,7 @@ def batch_generate(
         raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
     if not encoded:
         return []
+    row_constraints = [format_processor(tokenizer, f) for f in formats]
     engine = BatchEngine(model, tokenizer, max_batch=max_batch or len(encoded), prefill_step=prefill_step_size,
                          prefix_cache=prefix_cache, kv_bits=kv_bits, kv_group_size=kv_group_size,
                          quantized_kv_start=quantized_kv_start)
@@ -308,8 +342,10 @@ def batch_generate(
         if row_sampler is None:
             row_seed = None if seed is None else seed + i
             row_sampler = make_sampler(temp, top_p, top_k, min_p, row_seed)
-        processors = logits_processors[i] if logits_processors is not None else None
-        uids[engine.add(toks, max_tokens=max_tokens, sampler=row_sampler, logits_processors=processors,
+        processors = list(logits_processors[i] or []) if logits_processors is not None else []
+        if row_constraints[i] is not None:
+            processors.append(row_constraints[i])  # last: nothing after it can give a masked token weight again
+        uids[engine.add(toks, max_tokens=max_tokens, sampler=row_sampler, logits_processors=processors or None,
                         stop=stop)] = i
     outputs = [""] * len(encoded)
     while engine.has_work:

@@ -4,6 +4,7 @@ the request using it; requests beyond --max-kv-bytes get 400 or 503 + Retry-Afte
 
 from __future__ import annotations
 
+import json
 import time
 
 import httpx
@@ -95,3 +96,20 @@ def test_kv_budget(tiny):
                 break
             time.sleep(0.05)
         assert ok.status_code == 200
+
+
+def test_constrained_request_reuses_a_cached_prefix(tiny):
+    """response_format constrains only the generated tokens: the prompt's cached prefix still serves."""
+    model, tokenizer = tiny
+    cache = PrefixCache(64 << 20)
+    with LiveServer(create_app(model, tokenizer, MODEL_ID, default_temperature=0.0, prefix_cache=cache)) as live:
+        client = client_for(live)
+        messages = [SYSTEM, {"role": "user", "content": "answer yes or no"}]
+        client.chat.completions.create(model=MODEL_ID, messages=messages, max_tokens=8)
+        schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+                  "additionalProperties": False}
+        r = client.chat.completions.create(
+            model=MODEL_ID, messages=messages, max_tokens=24,
+            response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}})
+        assert r.usage.prompt_tokens_details.cached_tokens > len(chat_tokens(tiny, messages)) // 2
+        assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")

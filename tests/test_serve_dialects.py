@@ -278,7 +278,7 @@ def test_cli_ollama_flag_listens_on_11434_too(tiny_dir):
 
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 4}}, "required": ["city"]}}
 
 
 def test_anthropic_tool_use_and_tool_result(claude):
@@ -288,9 +288,9 @@ def test_anthropic_tool_use_and_tool_result(claude):
         with pytest.raises(anthropic.BadRequestError):
             claude.messages.create(model=MODEL_ID, max_tokens=40, messages=QUESTION, tools=[WEATHER])
         return
-    r = claude.messages.create(model=MODEL_ID, max_tokens=60, messages=QUESTION, tools=[WEATHER],
+    r = claude.messages.create(model=MODEL_ID, max_tokens=120, messages=QUESTION, tools=[WEATHER],
                                tool_choice={"type": "any"})  # must call: the call follows the schema
-    assert r.stop_reason == "tool_use"
+    assert r.stop_reason == "tool_use", r.content
     (use,) = [b for b in r.content if b.type == "tool_use"]
     assert use.name == "get_weather" and isinstance(use.input["city"], str)
     follow = [*QUESTION, {"role": "assistant", "content": r.content},

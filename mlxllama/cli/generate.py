@@ -8,8 +8,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import (Distributed, apply_m_flag, kv_kwargs, kv_options, load_draft, mlx_lm_m_option, model_options,
-                      parallel_option, sampling_kwargs, sampling_options)
+from .options import (Distributed, apply_m_flag, format_options, kv_kwargs, kv_options, load_draft, mlx_lm_m_option,
+                      model_options, parallel_option, response_format, sampling_kwargs, sampling_options)
 
 
 def build_prompt(tokenizer, prompt: str, system_prompt: str | None, use_template: bool,
@@ -47,6 +47,7 @@ def parse_template_config(text: str | None) -> dict:
 @click.option("--chat-template-config", default=None,
               help='Chat template variables as a JSON object, e.g. \'{"enable_thinking": false}\'.')
 @sampling_options
+@format_options
 @kv_options
 @click.option("--prompt-cache-file", type=click.Path(), default=None,
               help="Continue from a prompt cache made by `mlxllama cache-prompt` (or mlx_lm.cache_prompt).")
@@ -69,6 +70,12 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             raise InputError("the prompt is empty")
     template_args = parse_template_config(chat_template_config)
     kwargs = sampling_kwargs(opts)
+    fmt = response_format(opts)  # checked before the model loads
+    if fmt is not None and (opts["draft_model"] or kwargs["prompt_lookup"]):
+        from ..errors import GrammarError
+
+        raise GrammarError("--json-schema/--regex/--grammar/--choice cannot be combined with "
+                           "--draft-model or --prompt-lookup")
     from ..sample import check_sampling
 
     check_sampling(kwargs["temp"], kwargs["top_p"], kwargs["top_k"], kwargs["min_p"], kwargs["repetition_penalty"])
@@ -89,7 +96,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
             llm = dist.watch(llm)
             kwargs = dist.sampling(kwargs)
             prompt = build_prompt(tokenizer, prompts[0], system_prompt, not ignore_chat_template, template_args)
-            _stream(llm, tokenizer, prompt, None, kwargs, verbose and dist.rank == 0)
+            _stream(llm, tokenizer, prompt, None, {**kwargs, "response_format": fmt}, verbose and dist.rank == 0)
             dist.finish()
         return
     llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
@@ -107,13 +114,14 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
         outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
                               top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
                               seed=kwargs["seed"], stop=kwargs["stop"], kv_bits=kwargs["kv_bits"],
-                              kv_group_size=kwargs["kv_group_size"], quantized_kv_start=kwargs["quantized_kv_start"])
+                              kv_group_size=kwargs["kv_group_size"], quantized_kv_start=kwargs["quantized_kv_start"],
+                              response_format=fmt)
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
             click.echo(text)
         return
 
-    _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), kwargs, verbose)
+    _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), {**kwargs, "response_format": fmt}, verbose)
 
 
 def _stream(llm, tokenizer, prompt, draft, kwargs: dict, verbose: bool) -> None:

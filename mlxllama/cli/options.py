@@ -91,6 +91,46 @@ def load_draft(path):
     return load_model(path, stack=True)[0]
 
 
+def format_options(f):
+    f = click.option("--choice", "choices", multiple=True,
+                     help="Constrain the output to one of these strings (repeatable).")(f)
+    f = click.option("--grammar", "grammar_file", type=click.Path(dir_okay=False), default=None,
+                     help="Constrain the output to a grammar file: .lark (Lark) or .gbnf (llama.cpp GBNF).")(f)
+    f = click.option("--regex", default=None, help="Constrain the output to match this regular expression.")(f)
+    f = click.option("--json-schema", default=None,
+                     help="Constrain the output to JSON valid under this schema: a file or inline JSON.")(f)
+    return f
+
+
+def response_format(o: dict):
+    """The constraint the format options ask for (a mlxllama.constrain.Grammar), or None."""
+    given = [name for name, v in (("--json-schema", o["json_schema"]), ("--regex", o["regex"]),
+                                  ("--grammar", o["grammar_file"]), ("--choice", o["choices"])) if v]
+    if not given:
+        return None
+    from ..errors import InputError
+
+    if len(given) > 1:
+        raise InputError(f"give only one of --json-schema, --regex, --grammar, --choice (got {', '.join(given)})")
+    from .. import constrain
+
+    if o["json_schema"]:
+        text = o["json_schema"]
+        if not text.lstrip().startswith(("{", "[", "true", "false")):  # a file name
+            import os
+
+            if not os.path.isfile(text):
+                raise InputError(f"--json-schema: no such file, and not inline JSON: {text}")
+            with open(text, encoding="utf-8") as fh:
+                text = fh.read()
+        return constrain.json_schema(text)
+    if o["regex"]:
+        return constrain.regex(o["regex"])
+    if o["grammar_file"]:
+        return constrain.grammar_file(o["grammar_file"])
+    return constrain.choice(list(o["choices"]))
+
+
 def kv_options(f):
     f = click.option("--quantized-kv-start", type=click.IntRange(min=0), default=0, show_default=True,
                      help="With --kv-bits: quantize the KV cache once it holds this many positions.")(f)

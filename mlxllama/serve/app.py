@@ -154,7 +154,8 @@ class Handlers:
         parse = parse_chat if kind == "chat" else parse_completion
         parsed = parse(body, self.settings.names)
         run = await self.start(request, parsed)
-        fmt = Formatter(kind, parsed.model or self.settings.model_id, self.tokenizer, parsed.logprobs)
+        tools = parsed.tools if parsed.tool_choice != "none" else None
+        fmt = Formatter(kind, parsed.model or self.settings.model_id, self.tokenizer, parsed.logprobs, tools)
         if parsed.stream:
             return StreamingResponse(self.stream(run, fmt, parsed.include_usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -169,12 +170,25 @@ class Handlers:
                 for i in range(len(run.jobs)):
                     yield sse(fmt.chunk("", [], role=True, with_usage_field=include_usage, index=i))
             dones: list[Done] = []
+            # chat with tools: each choice's calls are held back and sent as its tool_calls
+            streams = [fmt.call_stream() for _ in run.jobs]
             async for i, event in run.events():
+                calls = streams[i]
                 if isinstance(event, Delta):
-                    yield sse(fmt.chunk(event.text, event.logprobs, with_usage_field=include_usage, index=i))
+                    text = calls.feed(event.text) if calls else event.text
+                    if text or event.logprobs:
+                        yield sse(fmt.chunk(text, event.logprobs, with_usage_field=include_usage, index=i))
                 elif isinstance(event, Done):
                     dones.append(event)
-                    yield sse(fmt.chunk(None if fmt.kind == "chat" else "", [], event.finish_reason,
+                    reason = event.finish_reason
+                    if calls:
+                        rest, found = calls.finish()
+                        if rest:
+                            yield sse(fmt.chunk(rest, [], with_usage_field=include_usage, index=i))
+                        for chunk in fmt.call_chunks(found, include_usage, index=i):
+                            yield sse(chunk)
+                        reason = "tool_calls" if found else reason
+                    yield sse(fmt.chunk(None if fmt.kind == "chat" else "", [], reason,
                                         with_usage_field=include_usage, index=i))
                 else:
                     yield sse(APIError(500, event.message, code="generation_failed", type="server_error").body())

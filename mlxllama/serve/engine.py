@@ -24,7 +24,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 import mlx.core as mx
 import numpy as np
@@ -51,6 +51,7 @@ class GenRequest:
     repetition_context_size: int = 20
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    constraint: Any = None  # a mlxllama.constrain.Constraint: the output follows its grammar
 
 
 @dataclass
@@ -306,6 +307,8 @@ class Engine:
             sampler = make_sampler(r.temperature, r.top_p, r.top_k, r.min_p, r.seed) if r.temperature > 0 else None
             processors = make_logits_processors(r.logit_bias, r.repetition_penalty, r.repetition_context_size,
                                                 r.presence_penalty, r.frequency_penalty, prompt_tokens=len(r.prompt))
+            if r.constraint is not None:  # last: nothing after it can give a masked token weight again
+                processors.append(r.constraint.processor())
             job.uid = self._core.add(r.prompt, max_tokens=r.max_tokens, sampler=sampler,
                                      logits_processors=processors, stop=r.stop, logprobs=r.logprobs is not None)
             job.stream = next((q.stream for q in self._core.sequences() if q.uid == job.uid), None)

@@ -20,8 +20,15 @@ def usage(done: Done | list[Done]) -> dict[str, Any]:
 class Formatter:
     """Builds the bodies of one response; `kind` is "chat" or "completion"."""
 
-    def __init__(self, kind: str, model_id: str, tokenizer, logprobs: int | None):
+    def __init__(self, kind: str, model_id: str, tokenizer, logprobs: int | None,
+                 tools: list[dict[str, Any]] | None = None):
         self.kind, self.model_id, self.tokenizer, self.k = kind, model_id, tokenizer, logprobs
+        self.tools = tools  # chat with tools offered: calls in the output become `tool_calls`
+        self.tool_format = None
+        if tools:
+            from ..tools import detect_format
+
+            self.tool_format = detect_format(tokenizer)
         prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
         self.id = prefix + uuid.uuid4().hex[:24]
         self.created = int(time.time())
@@ -63,13 +70,29 @@ class Formatter:
 
     # -- whole responses -------------------------------------------------------------------------
 
+    def call_stream(self):
+        """A mlxllama.tools.CallStream for a streamed chat with tools, else None (one per choice)."""
+        from ..tools import CallStream
+
+        return CallStream(self.tool_format, self.tools) if self.tools else None
+
     def response(self, choices: list[tuple[str, list[TokenLogprob], Done]]) -> dict[str, Any]:
         """choices: (text, logprobs, Done) of every choice, in index order."""
         out = []
         for i, (text, items, done) in enumerate(choices):
             if self.kind == "chat":
-                out.append({"index": i, "message": {"role": "assistant", "content": text, "refusal": None},
-                            "logprobs": self.logprobs(items, i), "finish_reason": done.finish_reason})
+                message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+                reason = done.finish_reason
+                if self.tools:
+                    from ..tools import parse_calls
+
+                    content, calls = parse_calls(text, self.tool_format, self.tools)
+                    if calls:
+                        message["content"] = content or None
+                        message["tool_calls"] = [c.openai() for c in calls]
+                        reason = "tool_calls"
+                out.append({"index": i, "message": message, "logprobs": self.logprobs(items, i),
+                            "finish_reason": reason})
             else:
                 out.append({"index": i, "text": text, "logprobs": self.logprobs(items, i),
                             "finish_reason": done.finish_reason})
@@ -78,13 +101,16 @@ class Formatter:
     # -- stream chunks ---------------------------------------------------------------------------
 
     def chunk(self, text: str | None, items: list[TokenLogprob], finish_reason: str | None = None,
-              role: bool = False, with_usage_field: bool = False, index: int = 0) -> dict[str, Any]:
+              role: bool = False, with_usage_field: bool = False, index: int = 0,
+              tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, Any] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": self.logprobs(items, index) if items else None,
                       "finish_reason": finish_reason}
         else:
@@ -94,6 +120,17 @@ class Formatter:
         if with_usage_field:
             body["usage"] = None
         return body
+
+    def call_chunks(self, calls, with_usage_field: bool = False, index: int = 0) -> list[dict[str, Any]]:
+        """Stream chunks for finished calls of choice `index`: the id and name first, then the arguments."""
+        out = []
+        for i, call in enumerate(calls):
+            entry = call.openai(i)
+            head = {**entry, "function": {"name": entry["function"]["name"], "arguments": ""}}
+            out.append(self.chunk(None, [], with_usage_field=with_usage_field, index=index, tool_calls=[head]))
+            args = {"index": i, "function": {"arguments": entry["function"]["arguments"]}}
+            out.append(self.chunk(None, [], with_usage_field=with_usage_field, index=index, tool_calls=[args]))
+        return out
 
     def usage_chunk(self, done: Done | list[Done]) -> dict[str, Any]:
         return {**self._head(True), "choices": [], "usage": usage(done)}

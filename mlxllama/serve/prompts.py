@@ -4,16 +4,44 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..errors import MlxllamaError
+from ..errors import GrammarError, MlxllamaError
 from ..generate import context_length
 from .engine import GenRequest
 from .schemas import APIError, Parsed, bad
 
 
+def chat_tokens(parsed: Parsed, tokenizer) -> list[int]:
+    """The conversation through the chat template; tools (unless tool_choice is none) go with it."""
+    from ..tools import template_messages
+
+    tools = parsed.tools if parsed.tool_choice != "none" else None
+    messages, extra = template_messages(parsed.messages, tools, tokenizer)
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra))
+
+
+def output_constraint(parsed: Parsed, tokenizer):
+    """The Constraint for a request's response_format or tool calls, or None; 400 on a bad one."""
+    from ..constrain import Constraint, constraint_for, lark
+    from ..tools import call_grammar, detect_format
+
+    try:
+        if parsed.tools and parsed.tool_choice != "none":
+            choice = parsed.tool_choice
+            tools = parsed.tools
+            if isinstance(choice, dict):
+                tools = [t for t in tools if t["function"]["name"] == choice["name"]]
+            grammar = call_grammar(tools, detect_format(tokenizer), tokenizer, required=choice != "auto",
+                                   parallel=parsed.parallel_tool_calls)
+            return Constraint(lark(grammar), tokenizer)
+        return constraint_for(tokenizer, parsed.response_format)
+    except GrammarError as e:
+        raise bad("tools" if parsed.tools and parsed.tool_choice != "none" else "response_format", str(e)) from None
+
+
 def prompt_tokens(parsed: Parsed, tokenizer, vocab_size: int) -> list[int]:
     if parsed.kind == "chat":
         try:
-            tokens = list(tokenizer.apply_chat_template(parsed.messages, add_generation_prompt=True, tokenize=True))
+            tokens = chat_tokens(parsed, tokenizer)
         except MlxllamaError as e:  # the template rejected the conversation (raise_exception)
             raise bad("messages", str(e)) from None
     elif isinstance(parsed.prompt, str):
@@ -71,6 +99,7 @@ def gen_request(parsed: Parsed, tokenizer, model, default_max_tokens: int, defau
         repetition_context_size=parsed.repetition_context_size,
         presence_penalty=parsed.presence_penalty,
         frequency_penalty=parsed.frequency_penalty,
+        constraint=output_constraint(parsed, tokenizer),
     )
 
 

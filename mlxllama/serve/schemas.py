@@ -63,6 +63,10 @@ class Parsed:
     ignore_eos: bool = False
     model: str | None = None  # the name the request used, echoed in the response
 
+    response_format: dict[str, Any] | None = None  # json_object / json_schema; None: free text
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools (chat)
+    tool_choice: str | dict[str, Any] = "auto"  # "auto", "none", "required" or {"name": ...}
+    parallel_tool_calls: bool = True
 
 class ModelNames:
     """The names the served model answers to: the first is its id, then aliases; accept_any: every
@@ -194,13 +198,8 @@ def _unsupported(body: dict) -> None:
     if name is not None:
         raise bad(name, f"'{name}' is not supported by this server; leave it out or at its neutral value",
                   "unsupported_parameter")
-    if body.get("tools"):
-        raise bad("tools", "tool calling is not supported by this server", "unsupported_parameter")
     if body.get("functions"):
-        raise bad("functions", "function calling is not supported by this server", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-        raise bad("response_format", "only response_format {\"type\": \"text\"} is supported", "unsupported_parameter")
+        raise bad("functions", "the legacy 'functions' field is not supported: use 'tools'", "unsupported_parameter")
     if body.get("echo"):
         raise bad("echo", "echo is not supported by this server", "unsupported_parameter")
     if body.get("suffix"):
@@ -268,6 +267,7 @@ def _common(body: Any, served: "str | ModelNames", kind: str) -> Parsed:
         seed %= 1 << 64
     return Parsed(
         kind=kind,
+        response_format=_response_format(body),
         temperature=_number(body, "temperature", None, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         seed=seed,
@@ -281,6 +281,69 @@ def _common(body: Any, served: "str | ModelNames", kind: str) -> Parsed:
     )
 
 
+def _response_format(body: dict) -> dict[str, Any] | None:
+    """`response_format`: text (None), json_object, or json_schema {name, schema, strict}."""
+    v = body.get("response_format")
+    if v is None:
+        return None
+    if not isinstance(v, dict) or not isinstance(v.get("type"), str):
+        raise bad("response_format", "'response_format' must be an object with a 'type'", "invalid_type")
+    kind = v["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind != "json_schema":
+        raise bad("response_format", f"'response_format.type' must be text, json_object or json_schema, got {kind!r}")
+    spec = v.get("json_schema")
+    if not isinstance(spec, dict):
+        raise bad("response_format", "'response_format.json_schema' must be an object with a 'schema'",
+                  "missing" if spec is None else "invalid_type")
+    schema = spec.get("schema", {})
+    if not isinstance(schema, (dict, bool)):
+        raise bad("response_format", "'response_format.json_schema.schema' must be a JSON schema object", "invalid_type")
+    if spec.get("name") is not None and not isinstance(spec["name"], str):
+        raise bad("response_format", "'response_format.json_schema.name' must be a string", "invalid_type")
+    return {"type": "json_schema", "json_schema": {"name": spec.get("name"), "schema": schema,
+                                                   "strict": bool(spec.get("strict"))}}
+
+
+def _tools(body: dict, parsed: Parsed) -> None:
+    """`tools`, `tool_choice` and `parallel_tool_calls` of a chat request."""
+    from ..errors import InputError
+    from ..tools import check_tools
+
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is not None and tools != []:
+        try:
+            parsed.tools = check_tools(tools)
+        except InputError as e:
+            raise bad("tools", str(e)) from None
+    if choice is None:
+        choice = "auto" if parsed.tools else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad("tool_choice", "a named 'tool_choice' is {\"type\": \"function\", \"function\": {\"name\": ...}}")
+        if not parsed.tools or name not in {t["function"]["name"] for t in parsed.tools}:
+            raise bad("tool_choice", f"'tool_choice' names {name!r}, which is not in 'tools'")
+        choice = {"name": name}
+    elif choice not in ("auto", "none", "required"):
+        raise bad("tool_choice", "'tool_choice' must be auto, none, required or a named function")
+    elif choice != "none" and not parsed.tools:
+        raise bad("tool_choice", f"'tool_choice' {choice!r} needs 'tools'")
+    parsed.tool_choice = choice
+    ptc = body.get("parallel_tool_calls")
+    if ptc is not None and not isinstance(ptc, bool):
+        raise bad("parallel_tool_calls", "'parallel_tool_calls' must be a boolean", "invalid_type")
+    parsed.parallel_tool_calls = True if ptc is None else ptc
+    if parsed.response_format is not None and parsed.tools and choice != "none":
+        raise bad("response_format", "'response_format' cannot be combined with 'tools' unless 'tool_choice' is none",
+                  "unsupported_parameter")
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -292,6 +355,15 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if role not in ROLES:
         raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}")
     content = m.get("content")
+    extra: dict[str, Any] = {}
+    if role == "assistant" and m.get("tool_calls") is not None:
+        extra["tool_calls"] = _tool_calls(m["tool_calls"], where)
+    if role == "tool":
+        if not isinstance(m.get("tool_call_id"), str):
+            raise bad(f"{where}.tool_call_id", f"'{where}.tool_call_id' is required for role tool", "missing")
+        extra["tool_call_id"] = m["tool_call_id"]
+    if isinstance(m.get("name"), str):
+        extra["name"] = m["name"]
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
@@ -306,7 +378,24 @@ def _message(m: Any, i: int) -> dict[str, Any]:
         content = ""
     elif not isinstance(content, str):
         raise bad(f"{where}.content", f"'{where}.content' must be a string or a list of text parts", "invalid_type")
-    return {"role": "system" if role == "developer" else role, "content": content}
+    return {"role": "system" if role == "developer" else role, "content": content, **extra}
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`, as the API sends them back (arguments as JSON text)."""
+    if not isinstance(calls, list):
+        raise bad(f"{where}.tool_calls", f"'{where}.tool_calls' must be a list", "invalid_type")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad(f"{where}.tool_calls[{j}]", "each tool call needs 'function' with a 'name'")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, (str, dict)):
+            raise bad(f"{where}.tool_calls[{j}]", "'function.arguments' must be a JSON string", "invalid_type")
+        out.append({"id": c.get("id") if isinstance(c.get("id"), str) else f"call_{j}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": args}})
+    return out
 
 
 def parse_chat(body: Any, served: "str | ModelNames") -> Parsed:
@@ -315,6 +404,7 @@ def parse_chat(body: Any, served: "str | ModelNames") -> Parsed:
     if not isinstance(messages, list) or not messages:
         raise bad("messages", "'messages' must be a non-empty list", "invalid_type" if messages else "missing")
     parsed.messages = [_message(m, i) for i, m in enumerate(messages)]
+    _tools(body, parsed)
     parsed.max_tokens = _max_tokens(body, "max_completion_tokens", "max_tokens")
     if _bool(body, "logprobs"):
         parsed.logprobs = _int(body, "top_logprobs", 0, MAX_TOP_LOGPROBS_CHAT) or 0
@@ -326,6 +416,8 @@ def parse_chat(body: Any, served: "str | ModelNames") -> Parsed:
 
 def parse_completion(body: Any, served: "str | ModelNames") -> Parsed:
     parsed = _common(body, served, "completion")
+    if body.get("tools"):
+        raise bad("tools", "'tools' belongs to /v1/chat/completions", "unsupported_parameter")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
