@@ -120,17 +120,10 @@ class _PipelineStage:
     """LlamaModel's forward pass for one run of blocks: receive, run, send."""
 
     def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
-        from .models.llama import causal_mask
-
         g = self._group
         r, n = g.rank(), g.size()
-        h = self.embed_tokens(tokens)  # (B, L, D); ranks after the first only take its shape and dtype
-        cache = cache if cache is not None else [None] * len(self.layers)
-        if mask is None and h.shape[1] > 1:
-            mask = causal_mask(h.shape[1], cache[0])
-        if rope_rows is None:
-            offset = cache[0].offset if cache[0] is not None else 0
-            rope_rows = self.rope_rows(offset, h.shape[1], h.dtype)
+        # ranks after the first only take the embeddings' shape and dtype
+        h, cache, mask, rope_rows = self.prepare(tokens, cache, mask, rope_rows)
         if r > 0:
             h = mx.distributed.recv_like(h, r - 1, group=g)
         for layer, c in zip(self.layers, cache):

@@ -396,7 +396,8 @@ class LlamaModel(nn.Module):
             return None
         return table(offset, length, dtype)
 
-    def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
+    def prepare(self, tokens: mx.array, cache=None, mask=None, rope_rows=None):
+        """Embeddings (B, L, D) and what every block needs: its caches, the mask, the rotary rows."""
         h = self.embed_tokens(tokens)  # (B, L, D)
         cache = cache if cache is not None else [None] * len(self.layers)
         if mask is None and h.shape[1] > 1:
@@ -404,6 +405,10 @@ class LlamaModel(nn.Module):
         if rope_rows is None:
             offset = cache[0].offset if cache[0] is not None else 0
             rope_rows = self.rope_rows(offset, h.shape[1], h.dtype)
+        return h, cache, mask, rope_rows
+
+    def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
+        h, cache, mask, rope_rows = self.prepare(tokens, cache, mask, rope_rows)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c, rope_rows)
         return self.norm(h)
