@@ -163,12 +163,18 @@ def shard(model, group, mode: str = "tensor") -> None:
 
 # --- agreeing on tokens and text -------------------------------------------------------------
 
+def from_rank0(x: mx.array, group) -> mx.array:
+    """rank 0's `x` on every rank: the others contribute zeros to one all_sum. The zeros are made
+    from their own `x`, so that on every rank the all_sum comes after the collectives `x` depends
+    on (the ring backend pairs collectives in the order each rank runs them)."""
+    mine = x if group.rank() == 0 else x * 0
+    return mx.distributed.all_sum(mine, group=group).astype(x.dtype)
+
+
 def shared_sampler(sampler, group):
-    """rank 0's tokens on every rank: the others contribute zeros to one all_sum per step."""
+    """rank 0's tokens on every rank: one all_sum per step."""
     def sample(logprobs: mx.array) -> mx.array:
-        tokens = sampler(logprobs)
-        mine = tokens if group.rank() == 0 else mx.zeros_like(tokens)
-        return mx.distributed.all_sum(mine, group=group).astype(tokens.dtype)
+        return from_rank0(sampler(logprobs), group)
 
     return sample
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
-from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_cache_options
+from .options import Distributed, cache_bytes, kv_kwargs, kv_options, model_options, parallel_option, prompt_cache_options
 
 
 @click.command("serve")
@@ -44,23 +46,36 @@ from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_c
 @click.option("--max-kv-bytes", default=None,
               help="KV cache budget for the requests in flight (e.g. 8GB; default: half the machine's memory). "
                    "A request that can never fit gets 400, one that must wait 503 with Retry-After.")
+@parallel_option
 def serve_command(model, adapter_path, dtype, host, port, ollama, api_key, served_model_names, accept_any_model,
                   allowed_origins, max_batch, max_queue, max_body_bytes, max_tokens, temperature, open_browser,
-                  log_level, max_kv_bytes, **opts):
+                  log_level, max_kv_bytes, parallel, dist_timeout, **opts):
     """Serve a model over the OpenAI API (chat and text completions, responses, document questions),
     Anthropic's Messages API and Ollama's API, streamed or not, with a chat page at http://HOST:PORT/
     and Prometheus metrics at /metrics."""
     from ..engine.disk import parse_bytes
     from ..errors import InputError
-    from ..serve import serve
+    from ..serve import follow, serve
 
     kv = kv_kwargs(opts)
     try:
         budget = parse_bytes(max_kv_bytes) if max_kv_bytes is not None else None
     except ValueError as e:
         raise InputError(f"--max-kv-bytes: {e}") from None
-    serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
-          max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
-          log_level=log_level, served_model_names=list(served_model_names) or None, accept_any_model=accept_any_model,
-          allowed_origins=list(allowed_origins) or None, ollama=ollama, open_browser=open_browser,
-          prompt_cache_bytes=0 if opts["no_prompt_cache"] else cache_bytes(opts), max_kv_bytes=budget, **kv)
+    dist = Distributed.start(dist_timeout)
+    if dist is not None and open_browser:
+        raise InputError("--open is not available under mlx.launch; open the chat page rank 0 prints")
+    if dist is not None and dist.rank != 0:  # rank 0 serves; the others repeat its model work
+        with dist.errors():
+            follow(model, group=dist.group, watchdog=dist.watchdog, parallel=parallel, adapter_path=adapter_path,
+                   dtype=dtype, max_batch=max_batch, **kv)
+            dist.watchdog.pause()
+        return
+    split = dict(group=dist.group, watchdog=dist.watchdog, parallel=parallel) if dist is not None else {}
+    with dist.errors() if dist is not None else contextlib.nullcontext():
+        serve(model, adapter_path=adapter_path, host=host, port=port, api_key=api_key or None, max_batch=max_batch,
+              max_queue=max_queue, max_body_bytes=max_body_bytes, max_tokens=max_tokens, temperature=temperature,
+              dtype=dtype, log_level=log_level, served_model_names=list(served_model_names) or None,
+              accept_any_model=accept_any_model, allowed_origins=list(allowed_origins) or None, ollama=ollama,
+              open_browser=open_browser, prompt_cache_bytes=0 if opts["no_prompt_cache"] else cache_bytes(opts),
+              max_kv_bytes=budget, **kv, **split)

@@ -148,7 +148,10 @@ class PaddedBatch:
         self.model = model
         self.quant = quant or KVQuant()
         args = model.args
-        self.kv_shape = (args.num_key_value_heads, args.head_dim)  # (Hkv, Dh)
+        # a rank of a tensor-parallel model holds only its share of the KV heads
+        heads = getattr(model.layers[0].self_attn, "n_kv_heads", args.num_key_value_heads) if model.layers else \
+            args.num_key_value_heads
+        self.kv_shape = (heads, args.head_dim)  # (Hkv, Dh)
         self.dtype = model.model.norm.weight.dtype  # the compute dtype
         self.layers = self.empty_layers([])
 

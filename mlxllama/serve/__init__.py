@@ -15,7 +15,7 @@ from ..errors import InputError
 from .app import create_app
 from .web import local_host, page_url
 
-__all__ = ["create_app", "model_id_for", "serve"]
+__all__ = ["create_app", "follow", "model_id_for", "serve"]
 
 LOOPBACK_NAMES = ["localhost", "127.0.0.1", "::1", "[::1]"]
 
@@ -79,8 +79,13 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
           dtype: str | None = None, log_level: str = "info", served_model_names: list[str] | None = None,
           accept_any_model: bool = False, allowed_origins: list[str] | None = None, ollama: bool = False,
           open_browser: bool = False, prompt_cache_bytes: int = 2 << 30, kv_bits: int | None = None,
-          kv_group_size: int = 64, quantized_kv_start: int = 0, max_kv_bytes: int | None = None) -> None:
+          kv_group_size: int = 64, quantized_kv_start: int = 0, max_kv_bytes: int | None = None,
+          group=None, watchdog=None, parallel: str = "tensor") -> None:
     """Binds the port(s), loads the model and serves it until interrupted.
+
+    group: under mlx.launch, the ranks the model is split over (`parallel`: "tensor" or
+    "pipeline"); this is rank 0, the others run `follow` with the same settings. Without a prefix
+    cache and /v1/qa; a lost or hung rank stops the server with DistributedError.
 
     ollama: also listen on Ollama's port 11434 (same host), for apps that only know that address;
     open_browser: open the chat page once the server answers. prompt_cache_bytes: the in-memory
@@ -97,8 +102,13 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
     try:
         if ollama and port != OLLAMA_PORT:
             sockets.append(bind(host, OLLAMA_PORT))
-        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype,
+                              parallel=parallel if group is not None else None)
         check_kv(llm, kv_bits, kv_group_size)
+        if group is not None and watchdog is not None:
+            from ..distributed import watched
+
+            llm = watched(llm, watchdog)
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -109,26 +119,62 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
         mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
+    if group is not None and prompt_cache_bytes > 0:
+        prompt_cache_bytes = 0  # each rank holds its own part of every KV state
+    server = None
+
+    def stop_server() -> None:  # a rank was lost: end the server (the worker thread calls this)
+        if server is not None:
+            server.should_exit = True
+
     app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,
                      max_body_bytes=max_body_bytes, default_max_tokens=max_tokens, default_temperature=temperature,
                      allowed_hosts=LOOPBACK_NAMES if loopback else None, served_model_names=served_model_names,
                      accept_any_model=accept_any_model, allowed_origins=allowed_origins,
                      prefix_cache=PrefixCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None,
                      kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-                     max_kv_bytes=max_kv_bytes if max_kv_bytes is not None else default_max_kv_bytes())
+                     max_kv_bytes=max_kv_bytes if max_kv_bytes is not None else default_max_kv_bytes(),
+                     group=group, watchdog=watchdog, on_fatal=stop_server)
     logging.basicConfig(level=getattr(logging, log_level.upper(), logging.INFO), format="%(levelname)s: %(message)s")
     if not loopback and api_key is None:
         log.warning("listening on %s without --api-key: anyone who can reach this address can use the model", host)
     shown = f"[{host}]" if ":" in host else host
     names = ", ".join(repr(n) for n in (served_model_names or [model_id]))
-    log.info("serving %s on http://%s:%d/v1%s", names, shown, port,
-             f" (and Ollama's API on port {OLLAMA_PORT})" if len(sockets) > 1 else "")
+    log.info("serving %s on http://%s:%d/v1%s%s", names, shown, port,
+             f" (and Ollama's API on port {OLLAMA_PORT})" if len(sockets) > 1 else "",
+             f", {parallel} parallel over {group.size()} ranks (no prompt cache, no /v1/qa)" if group else "")
     url = page_url(host, port)
     print(f"chat page: {url}", flush=True)
     if open_browser:
         threading.Thread(target=open_when_up, args=(url, host, port), daemon=True).start()
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=sockets)
+    server = uvicorn.Server(config)
+    server.run(sockets=sockets)
+    fatal = app.state.engine.fatal
+    if fatal is not None:
+        from ..distributed import DistributedError
+
+        raise DistributedError(fatal)
+
+
+def follow(model: str | os.PathLike | None = None, *, group, watchdog=None, parallel: str = "tensor",
+           adapter_path: str | None = None, dtype: str | None = None, max_batch: int = 8, kv_bits: int | None = None,
+           kv_group_size: int = 64, quantized_kv_start: int = 0) -> None:
+    """A rank other than 0 of a distributed server: loads its part of the model and repeats rank 0's
+    engine steps (engine.mirror) until rank 0 stops; the settings must be rank 0's."""
+    import mlx.core as mx
+
+    from ..distributed import watched
+    from ..engine.mirror import follow as follow_engine
+    from ..generate import check_kv
+    from ..loader import load
+
+    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+    check_kv(llm, kv_bits, kv_group_size)
+    if watchdog is not None:
+        llm = watched(llm, watchdog)
+    follow_engine(llm, tokenizer, group, watchdog, max_batch=max_batch, kv_bits=kv_bits, kv_group_size=kv_group_size,
+                  quantized_kv_start=quantized_kv_start, overlap=mx.default_device() != mx.cpu)
 
 
 def open_when_up(url: str, host: str, port: int, timeout: float = 120.0) -> None:

@@ -240,7 +240,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
                allowed_hosts: list[str] | None = None, served_model_names: list[str] | None = None,
                accept_any_model: bool = False, allowed_origins: list[str] | None = None, prefix_cache=None,
                kv_bits: int | None = None, kv_group_size: int = 64, quantized_kv_start: int = 0,
-               max_kv_bytes: int | None = None) -> Starlette:
+               max_kv_bytes: int | None = None, group=None, watchdog=None, on_fatal=None) -> Starlette:
     """The ASGI app for one loaded model; the engine thread runs while the app is up.
 
     allowed_hosts: Host header names accepted (None: any). A server on a loopback address should
@@ -249,17 +249,19 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
     is the one responses carry. accept_any_model: take any name as this model.
     allowed_origins: web origins allowed to call the API from a browser (CORS); None: no CORS headers.
     prefix_cache: an engine.PrefixCache reused across requests (None: every prompt read whole);
-    kv_bits, kv_group_size, quantized_kv_start: a quantized KV cache; max_kv_bytes: the KV budget."""
+    kv_bits, kv_group_size, quantized_kv_start: a quantized KV cache; max_kv_bytes: the KV budget.
+    group: the mx.distributed ranks the model is split over (rank 0 serves; see engine.mirror), with
+    the watchdog of this rank and `on_fatal`, called when a rank is lost."""
     engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=max_queue, prefix_cache=prefix_cache,
                     kv_bits=kv_bits, kv_group_size=kv_group_size, quantized_kv_start=quantized_kv_start,
-                    max_kv_bytes=max_kv_bytes)
+                    max_kv_bytes=max_kv_bytes, group=group, watchdog=watchdog, on_fatal=on_fatal)
     names = ModelNames(served_model_names or [model_id], accept_any_model)
     h = Handlers(engine, model, tokenizer,
                  Settings(names, api_key, max_body_bytes, default_max_tokens, default_temperature))
     metrics = Metrics(engine)
     h.on_done = metrics.done
     messages, responses, oll = anthropic.Messages(h), Responses(h), ollama.Ollama(h)
-    qa = QARoute(h)
+    qa = QARoute(h, split=group is not None)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -187,7 +187,11 @@ class Job:
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 16, prefill_step: int = 512,
                  prefix_cache: PrefixCache | None = None, kv_bits: int | None = None, kv_group_size: int = 64,
-                 quantized_kv_start: int = 0, max_kv_bytes: int | None = None):
+                 quantized_kv_start: int = 0, max_kv_bytes: int | None = None, group=None, watchdog=None,
+                 on_fatal=None):
+        """group: the ranks the model is split over (None: one process); rank 0's engine then sends
+        every step to the others (engine.mirror), and an error in a step is fatal: `fatal` holds its
+        line and `on_fatal` is called (the server then stops)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model, self.tokenizer = model, tokenizer
@@ -206,6 +210,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._core: BatchEngine | None = None  # worker-only
         self._jobs: dict[int, Job] = {}  # worker-only: engine uid -> job
+        self.group, self.watchdog, self.on_fatal = group, watchdog, on_fatal
+        self.fatal: str | None = None  # with several ranks: the error that stopped the engine
 
     # -- the event-loop side ---------------------------------------------------------------
 
@@ -274,30 +280,68 @@ class Engine:
                 mx.clear_streams()
 
     def _new_core(self) -> BatchEngine:
-        return BatchEngine(self.model, self.tokenizer, max_batch=self.max_batch, prefill_step=self.prefill_step,
-                           prefix_cache=self.prefix_cache, overlap=self.overlap, **self.kv)
+        kwargs = dict(max_batch=self.max_batch, prefill_step=self.prefill_step, overlap=self.overlap, **self.kv)
+        if self.group is not None:
+            from ..engine.mirror import Leader
+
+            return Leader(self.model, self.tokenizer, self.group, self.watchdog, **kwargs)
+        return BatchEngine(self.model, self.tokenizer, prefix_cache=self.prefix_cache, **kwargs)
 
     def _loop(self) -> None:
+        from ..engine.mirror import HEARTBEAT
+
         self._core = self._new_core()
+        beat = min(HEARTBEAT, self.watchdog.timeout / 4) if self.watchdog is not None else HEARTBEAT
         while True:
             with self._cond:
+                idle = False
                 while not (self._incoming or self._core.has_work or self._stopping):
-                    self._cond.wait()
+                    if self.group is None:
+                        self._cond.wait()
+                    elif not self._cond.wait(beat):
+                        idle = True  # the other ranks hear from rank 0 at least every HEARTBEAT seconds
+                        break
                 if self._stopping:
                     break
                 while self._incoming and len(self._jobs) < self.max_batch:
                     self._admit(self._incoming.popleft())
             try:
+                if idle:
+                    self._core.heartbeat()
+                    continue
                 self._drop_cancelled()
                 self._deliver(self._core.step())
-            except Exception as e:  # a bug or out of memory: fail the active requests, keep serving
-                log.exception("generation failed")
+            except Exception as e:
+                if self.group is not None:  # the ranks are out of step (or one is lost): stop serving
+                    self._stop_ranks(e)
+                    return
+                log.exception("generation failed")  # a bug or out of memory: fail the active requests, keep serving
                 self._fail_all(f"generation failed: {type(e).__name__}: {e}")
         self._fail_all("the server is shutting down")
+        if self.group is not None:
+            try:
+                self._core.close()
+            except RuntimeError:  # a rank is already gone: nothing to tell it
+                pass
+            if self.watchdog is not None:
+                self.watchdog.pause()
         with self._cond:
             for job in self._incoming:
                 job._put(Failed("the server is shutting down"))
             self._incoming.clear()
+
+    def _stop_ranks(self, e: Exception) -> None:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        self.fatal = f"rank {self.group.rank()}: {first}"
+        with self._cond:
+            self._stopping = True
+            jobs = list(self._incoming)
+            self._incoming.clear()
+        for job in [*self._jobs.values(), *jobs]:
+            job._put(Failed(f"the model's ranks stopped: {self.fatal}"))
+        self._jobs.clear()
+        if self.on_fatal is not None:
+            self.on_fatal()
 
     def _admit(self, job: Job) -> None:
         if job.cancelled.is_set():

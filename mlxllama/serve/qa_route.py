@@ -113,8 +113,9 @@ def answer_body(result, model_id: str) -> dict[str, Any]:
 class QARoute:
     """The handler of POST /v1/qa, sharing the server's key check, body limit and model."""
 
-    def __init__(self, handlers):
+    def __init__(self, handlers, split: bool = False):
         self.h = handlers
+        self.split = split  # the model is split over several ranks: its passes run in the engine only
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlxllama-qa")
         self.waiting = 0
         self.session = None  # (key, QASession) of the last documents and options
@@ -124,6 +125,10 @@ class QARoute:
         from starlette.responses import JSONResponse
 
         self.h.check_key(request)
+        if self.split:
+            raise APIError(501, "POST /v1/qa is not available while the model is split over several ranks; "
+                           "use mlxllama qa under mlx.launch, or a server in one process", code="not_supported",
+                           type="server_error")
         docs, question, kwargs = parse_qa(await self.h.read_json(request))
         if self.waiting > MAX_WAITING:
             raise APIError(429, "The server is busy answering other questions", code="rate_limit_exceeded",
