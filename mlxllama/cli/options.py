@@ -236,6 +236,14 @@ class Distributed:
                 line = None
         return self.d.broadcast_text(line, self.group)
 
+    def fail(self, message: str):
+        """A user's mistake every rank learnt of: rank 0 reports it, the others end quietly."""
+        from ..errors import InputError
+
+        if self.rank == 0:
+            raise InputError(message)
+        raise SystemExit(1)
+
     def finish(self) -> None:
         """Waits for this rank's work in flight, then for the others, before the process ends (a rank
         that exits with transfers still queued makes the ring backend complain)."""

@@ -8,8 +8,8 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import kv_kwargs, kv_options, model_options, prompt_cache_options, session_prefix_cache
-
+from .options import (Distributed, kv_kwargs, kv_options, model_options, parallel_option, prompt_cache_options,
+                      session_prefix_cache)
 
 
 def threshold(value: str):
@@ -97,14 +97,16 @@ def read_questions(positional, questions, interactive):
     return qs
 
 
-def terminal_questions():
+def terminal_questions(dist=None):
     try:
         import readline  # noqa: F401
     except ImportError:
         pass
     while True:
         try:
-            line = input("?> ")
+            line = input("?> ") if dist is None else dist.read_line("?> ")
+            if line is None:
+                raise EOFError
         except EOFError:
             click.echo("")
             return
@@ -127,21 +129,68 @@ def terminal_questions():
 @qa_options
 @kv_options
 @prompt_cache_options
+@parallel_option
 @click.option("--verbose", "-v", is_flag=True, help="Also print tokens processed and seconds per answer.")
-def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, **opts):
+def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, parallel,
+               dist_timeout, **opts):
     """Answer QUESTION from the text in --context, citing where the answer is."""
-    from ..loader import load
-    from ..qa import QASession, read_context
-
     qs = read_questions(question, questions, interactive)
     if interactive and "-" in contexts:
         raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
-    docs = read_context(contexts)
+    dist = Distributed.start(dist_timeout)
+    if dist is None:
+        return answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, None, None)
+    if "-" in contexts:
+        raise InputError("--context - cannot be read under mlx.launch (it passes no end of input on); "
+                         "pass the context as a file")
+    with dist.errors():
+        answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, dist, parallel)
+        dist.finish()
+
+
+def shared_documents(dist, contexts):
+    """The documents, read by rank 0 and sent to the others (whose files may differ or be absent)."""
+    from ..qa import read_context
+    from ..qa.context import Document
+
+    if dist is None:
+        return read_context(contexts)
+    payload = None
+    if dist.rank == 0:
+        try:
+            payload = json.dumps({"docs": [[d.source, d.text] for d in read_context(contexts)]})
+        except InputError as e:
+            payload = json.dumps({"error": str(e)})
+    data = json.loads(dist.d.broadcast_text(payload, dist.group))
+    if "error" in data:
+        dist.fail(data["error"])
+    return [Document(source, text) for source, text in data["docs"]]
+
+
+def answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, dist, parallel):
+    from ..loader import load
+    from ..qa import QASession
+
+    docs = shared_documents(dist, contexts)
     kv = kv_kwargs(opts)
-    llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
-    session = QASession(llm, tokenizer, docs, prefix_cache=session_prefix_cache(llm, tokenizer, opts),
-                        progress=progress_line(), **qa_kwargs(opts), **kv)
+    kwargs = qa_kwargs(opts)
+    if dist is None:
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype)
+        prefix_cache = session_prefix_cache(llm, tokenizer, opts)
+    else:  # every rank runs every model pass (retrieval, reranking, scoring, answering) on the same input
+        llm, tokenizer = load(model, adapter_path=adapter_path, dtype=dtype, parallel=parallel)
+        llm = dist.watch(llm)
+        prefix_cache = None  # each rank holds only its part of the KV state
+        shared = dist.sampling({"temp": kwargs["temp"], "top_p": 1.0, "top_k": 0, "min_p": 0.0, "seed": kwargs["seed"]})
+        kwargs.update(seed=shared["seed"], sampler=shared["sampler"])
+    rank0 = dist is None or dist.rank == 0
+    session = QASession(llm, tokenizer, docs, prefix_cache=prefix_cache, progress=progress_line() if rank0 else None,
+                        **kwargs, **kv)
     several = len(qs) > 1 or interactive
+
+    def note(line):  # stderr lines: rank 0 speaks for all
+        if rank0:
+            click.echo(line, err=True)
 
     def stream(text):
         sys.stdout.write(text)
@@ -162,18 +211,18 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
         stream((f" {markers(result)}" if cited else "") + "\n")
         line = cite(result)
         if line:
-            click.echo(line, err=True)
+            note(line)
         if verbose:
             reused = f", {session.reused_tokens} from the prompt cache" if session.reused_tokens else ""
-            click.echo(f"[{result.prompt_tokens} prompt tokens{reused}, {result.generation_tokens} generated, "
-                       f"{result.seconds:.2f} s]", err=True)
+            note(f"[{result.prompt_tokens} prompt tokens{reused}, {result.generation_tokens} generated, "
+                 f"{result.seconds:.2f} s]")
         if several and not interactive:
             click.echo("")
 
     for q in qs:
         ask(q)
     if interactive:
-        for q in terminal_questions():
+        for q in terminal_questions(dist):
             ask(q)
 
 
