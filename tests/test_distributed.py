@@ -59,6 +59,14 @@ def test_two_ranks_give_the_single_process_tokens(tiny_models, name, mode):
     assert not [line for line in r.stderr.splitlines() if line.startswith("error:")], r.stderr
 
 
+@pytest.mark.parametrize("mode", ["tensor", "pipeline"])
+def test_prompt_lookup_gives_the_single_process_tokens(tiny_models, mode):
+    args = ["--model", str(tiny_models["gqa_tied"]), "-p", "hello there, the hello there, the hello", "-n", "16",
+            "--ignore-chat-template", "--prompt-lookup", "3"]
+    r = launched(2, *args, "--parallel", mode)
+    assert r.stdout == single(*args), r.stderr
+
+
 def test_sampled_tokens_agree_across_ranks_and_with_one_process(tiny_models):
     args = ["--model", str(tiny_models["untied"]), "-p", "hello", "-n", "12", "--ignore-chat-template",
             "--temp", "0.9", "--seed", "5"]

@@ -206,9 +206,11 @@ class Distributed:
         return cls(group, timeout) if group is not None else None
 
     def check(self, kwargs: dict, draft_model=None) -> None:
-        if kwargs.get("prompt_lookup") or draft_model:
-            raise click.UsageError("speculative decoding (--prompt-lookup, --draft-model) is not available with "
-                                   "several ranks; leave it off")
+        """A draft model is not split with the model: refused. Prompt lookup (drafts from the text)
+        works: rank 0's sampled tokens decide what every rank accepts."""
+        if draft_model:
+            raise click.UsageError("--draft-model is not available with several ranks; leave it off "
+                                   "(--prompt-lookup works)")
 
     def sampling(self, kwargs: dict) -> dict:
         """The same seed everywhere, and rank 0's token shared each step."""
