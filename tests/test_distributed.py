@@ -82,6 +82,12 @@ def test_a_split_that_does_not_divide_the_heads_is_one_line(tiny_models, tmp_pat
     assert "Traceback" not in r.stderr
 
 
+def test_a_prompt_from_stdin_is_refused_in_one_line(tiny_models):
+    r = launched(2, "--model", str(tiny_models["gqa_tied"]), "-p", "-")  # mlx.launch never ends its input
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "--prompt - cannot be read under mlx.launch" in errors[0], r.stderr
+
+
 @pytest.mark.slow
 def test_default_model_tensor_over_three_and_pipeline_over_two(default_model_dir):
     args = ["--model", str(default_model_dir), "-p", "What is the capital of France?", "-n", "8"]

@@ -34,9 +34,12 @@ one that begins with /."""
 def chat_command(model, adapter_path, dtype, system_prompt, parallel, dist_timeout, web, port, **opts):
     """Chat with a model in the terminal (or in the browser with --web)."""
     model = apply_m_flag(model, opts)
+    dist = Distributed.start(dist_timeout)
+    if web and dist is not None:
+        dist.fail("--web is not available under mlx.launch; run `mlxllama serve` under mlx.launch and open "
+                  "the chat page it prints")
     if web:
         return web_chat(model, adapter_path, dtype, port, system_prompt, opts)
-    dist = Distributed.start(dist_timeout)
     if dist is None:
         return repl(model, adapter_path, dtype, system_prompt, opts, None, None)
     with dist.errors():

@@ -225,7 +225,10 @@ class Distributed:
         return kwargs
 
     def read_stdin(self) -> str:
-        return self.d.broadcast_text(sys.stdin.read() if self.rank == 0 else None, self.group) or ""
+        """mlx.launch hands its input to every rank and never passes an end of input on, so reading
+        stdin to its end would wait forever: refused."""
+        self.fail("--prompt - cannot be read under mlx.launch (it passes no end of input on); "
+                  "give the prompt as --prompt TEXT")
 
     def read_line(self, prompt: str) -> str | None:
         """rank 0 reads a line (None: end of input); every rank gets it. The watchdog sleeps meanwhile."""
@@ -244,6 +247,9 @@ class Distributed:
 
         if self.rank == 0:
             raise InputError(message)
+        import time
+
+        time.sleep(1)  # mlx.launch stops the other ranks when one exits: rank 0 first says why
         raise SystemExit(1)
 
     def finish(self) -> None:

@@ -141,8 +141,8 @@ def qa_command(model, adapter_path, dtype, question, contexts, questions, intera
     if dist is None:
         return answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, None, None)
     if "-" in contexts:
-        raise InputError("--context - cannot be read under mlx.launch (it passes no end of input on); "
-                         "pass the context as a file")
+        dist.fail("--context - cannot be read under mlx.launch (it passes no end of input on); "
+                  "pass the context as a file")
     with dist.errors():
         answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, dist, parallel)
         dist.finish()
