@@ -66,16 +66,16 @@ def expected(tiny_dir):
 
 
 class Ranks:
-    """Two ranks of `mlxllama serve` started by hand (as mlx.launch would), so a test can stop one."""
+    """Ranks of `mlxllama serve` started by hand (as mlx.launch would), so a test can stop one."""
 
-    def __init__(self, tmp_path, model, *extra):
+    def __init__(self, tmp_path, model, *extra, n: int = 2):
         hostfile = tmp_path / "hosts.json"
-        ring = free_ports(3)
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ring[:2]]))
-        self.port = ring[2]
+        ring = free_ports(n + 1)
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ring[:n]]))
+        self.port = ring[n]
         self.url = f"http://127.0.0.1:{self.port}"
         self.procs = []
-        for rank in range(2):
+        for rank in range(n):
             env = {**os.environ, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)}
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "mlxllama", "serve", "--model", str(model), "--port", str(self.port),
@@ -159,5 +159,23 @@ def test_stopping_rank_0_stops_the_follower_cleanly(tmp_path, tiny_dir):
         assert ranks.procs[0].wait(timeout=60) in (0, -15)
         assert ranks.procs[1].wait(timeout=60) == 0, ranks.stderr(1)
         assert not errors(ranks.stderr(1))
+    finally:
+        ranks.close()
+
+
+@pytest.mark.slow
+def test_default_model_served_over_three_ranks_answers_as_one_process(tmp_path, default_model_dir):
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    model, tokenizer = mlxllama.load(default_model_dir)
+    with LiveServer(create_app(model, tokenizer, "smol")) as live:
+        client = openai.OpenAI(base_url=live.url + "/v1", api_key="none", max_retries=0, timeout=60)
+        want = client.chat.completions.create(model="smol", messages=question, max_tokens=8).choices[0].message.content
+    assert "Paris" in want
+    ranks = Ranks(tmp_path, default_model_dir, "--parallel", "tensor", n=3)  # 3 KV heads: 3 ranks
+    try:
+        ranks.wait_up(240)
+        name = ranks.client().models.list().data[0].id
+        r = ranks.client().chat.completions.create(model=name, messages=question, max_tokens=8)
+        assert r.choices[0].message.content == want
     finally:
         ranks.close()
