@@ -78,7 +78,8 @@ def run(system: str, model: str, n: int, mode: str, args) -> dict:
     for line in r.stdout.splitlines():
         if line.startswith(MARK):
             return json.loads(line[len(MARK):])
-    return {"error": (r.stderr.strip().splitlines() or ["no result"])[-1][:200]}
+    lines = [line for line in r.stderr.strip().splitlines() if "[WARN]" not in line and line.strip()]  # not the launcher's
+    return {"error": (lines or ["no result"])[-1][:200]}
 
 
 def main() -> None:
@@ -97,8 +98,9 @@ def main() -> None:
 
         args.model = str(default_model_path())
     configs = [(1, "tensor"), (2, "pipeline"), (3, "tensor")]
-    print(f"model {args.model}; {args.prompt_tokens} prompt tokens, {args.tokens} generated, greedy; "
-          f"{os.cpu_count()} CPU cores")
+    print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model {args.model}; {args.prompt_tokens} prompt "
+          f"tokens, {args.tokens} generated, greedy; {os.cpu_count()} CPU cores; load average "
+          f"{os.getloadavg()[0]:.1f} (1 min)")
     print(f"{'ranks':>5} {'split':>9} | {'mlxllama tok/s':>14} {'peak GB per rank':>20} | "
           f"{'mlx-lm tok/s':>12} {'peak GB per rank':>20} | ratio")
     for n, mode in configs:
@@ -115,6 +117,7 @@ def main() -> None:
         for label, r in (("mlxllama", ours), ("mlx-lm", theirs)):
             if "error" in r:
                 print(f"      {label}: {r['error']}")
+    print(f"load average at the end {os.getloadavg()[0]:.1f} (1 min)")
 
 
 if __name__ == "__main__":

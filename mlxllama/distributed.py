@@ -9,8 +9,9 @@ Started by MLX's launcher, every rank runs the same command:
   groups per rank), o and down by input columns, with one all_sum after each of the two; quantized
   weights split on group boundaries. Embeddings, norms and the head stay whole on every rank.
 - pipeline: the blocks are split into contiguous runs, one per rank; hidden states travel with
-  send/recv and each rank keeps the KV cache of its own blocks; the last rank's logits reach every
-  rank through one all_sum, evaluated in the call itself so that all ranks run the same transfers.
+  send/recv and each rank keeps the KV cache of its own blocks; the last rank's final hidden states
+  reach every rank through one all_sum (then every rank applies the head it holds), evaluated in
+  the call itself so that all ranks run the same transfers.
 
 Every rank loads lazily and evaluates only its own slice, so a rank holds about 1/N of the blocks.
 Sampling is decided on rank 0 and shared (`shared_sampler`), so every rank feeds the same token;
@@ -134,20 +135,20 @@ class _PipelineStage:
 
 
 class _PipelineHead:
-    """Model's forward pass: the last rank's logits, summed into every rank."""
+    """Model's forward pass: the last rank's final hidden states, summed into every rank (D values
+    per position, not the V of the logits), then the head, which every rank holds whole."""
 
     def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
         g = self._group
-        h = self.model(tokens, cache, mask, rope_rows)  # (B, L, D)
-        if g.rank() == g.size() - 1:
-            logits = (self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h))
-        else:  # zeros that wait for this rank's send
-            logits = mx.depends(mx.zeros((*h.shape[:2], self.args.vocab_size), dtype=h.dtype), h)
-        logits = mx.distributed.all_sum(logits, group=g)  # (B, L, V)
+        h = self.model(tokens, cache, mask, rope_rows)  # (B, L, D): normed on the last rank
+        if g.rank() != g.size() - 1:  # zeros that wait for this rank's send
+            h = mx.depends(mx.zeros(h.shape, dtype=h.dtype), h)
+        h = mx.distributed.all_sum(h, group=g)
+        logits = self.model.embed_tokens.as_linear(h) if self.args.tie_word_embeddings else self.lm_head(h)
         # every rank runs every call's transfers now, whatever its caller evaluates (a prefill
         # evaluates only the caches, a generator may drop its last step): no send without its recv
         mx.eval(logits)
-        return logits
+        return logits  # (B, L, V)
 
 
 def shard(model, group, mode: str = "tensor") -> None:
@@ -191,8 +192,8 @@ def broadcast_text(text: str | None, group) -> str | None:
     n = broadcast_int(len(data) + 1 if root and text is not None else 0, group)  # 0: None
     if n <= 1:
         return None if n == 0 else ""
-    buf = mx.array(list(data) if root else [0] * (n - 1), dtype=mx.int32)
-    return bytes(mx.distributed.all_sum(buf, group=group).tolist()).decode("utf-8")
+    buf = mx.array(memoryview(data)) if root else mx.zeros((n - 1,), dtype=mx.uint8)  # the others add zeros
+    return bytes(mx.distributed.all_sum(buf, group=group)).decode("utf-8")
 
 
 def quiet_other_ranks(group) -> None:

@@ -134,10 +134,15 @@ def terminal_questions(dist=None):
 def qa_command(model, adapter_path, dtype, question, contexts, questions, interactive, as_json, verbose, parallel,
                dist_timeout, **opts):
     """Answer QUESTION from the text in --context, citing where the answer is."""
-    qs = read_questions(question, questions, interactive)
-    if interactive and "-" in contexts:
-        raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
     dist = Distributed.start(dist_timeout)
+    try:
+        qs = read_questions(question, questions, interactive)
+        if interactive and "-" in contexts:
+            raise InputError("--interactive reads questions from the terminal: pass the context as a file, not '-'")
+    except InputError as e:
+        if dist is not None:
+            dist.fail(str(e))  # rank 0 says it once
+        raise
     if dist is None:
         return answer_all(model, adapter_path, dtype, contexts, qs, interactive, as_json, verbose, opts, None, None)
     if "-" in contexts:

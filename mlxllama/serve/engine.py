@@ -13,6 +13,11 @@ Admission is first come, first served, and every active sequence advances one to
 A request beyond `max_batch` active plus `max_queue` waiting is refused (`QueueFull`, HTTP 429);
 one whose KV cache would not fit `max_kv_bytes` with those already admitted is refused too
 (`KVBudgetFull`: HTTP 503 and Retry-After while others run, 400 when it could never fit).
+
+With the model split over several ranks (`group`), the worker's engine is engine.mirror's
+`Leader`: each step reaches the other ranks first, rank 0 sends a heartbeat while idle, and a
+failed step (a lost or hung rank) stops the server with one line (`fatal`) instead of failing
+only the requests in it.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any, AsyncIterator
 import mlx.core as mx
 import numpy as np
 
+from ..distributed import DistributedError
 from ..engine import BatchEngine, PrefixCache
 from ..sample import make_logits_processors, make_sampler
 
@@ -313,6 +319,8 @@ class Engine:
                 self._deliver(self._core.step())
             except Exception as e:
                 if self.group is not None:  # the ranks are out of step (or one is lost): stop serving
+                    if "[ring]" not in str(e) and not isinstance(e, DistributedError):
+                        log.exception("generation failed")  # a bug: its traceback, then the one line
                     self._stop_ranks(e)
                     return
                 log.exception("generation failed")  # a bug or out of memory: fail the active requests, keep serving
