@@ -2,7 +2,7 @@
 mlx-lm's `sharded_load` (its tensor parallel) under the same `mlx.launch`, same model, same run
 (mlx-lm computing in float32, as ours does on CPU).
 
-    python benchmarks/bench_distributed.py [--model DIR] [--tokens 64] [--prompt-tokens 64]
+    python benchmarks/bench_distributed.py [--model DIR] [--tokens 64] [--prompt-tokens 64] [--configs 1,2:pipeline]
 
 Each configuration runs as its own `mlx.launch -n N --backend ring` job on this machine; every
 rank reports its peak RSS and rank 0 its decode speed. On one machine the ranks share its cores
@@ -88,6 +88,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--timeout", type=float, default=900)
+    p.add_argument("--configs", default="1,2:pipeline,3:tensor",
+                   help="ranks[:split] to run, comma-separated (the default model splits tensor over 3 only)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--mode", default="tensor", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -97,7 +99,7 @@ def main() -> None:
         from mlxllama.resolve import default_model_path
 
         args.model = str(default_model_path())
-    configs = [(1, "tensor"), (2, "pipeline"), (3, "tensor")]
+    configs = [(int(c.split(":")[0]), (c.split(":") + ["tensor"])[1]) for c in args.configs.split(",")]
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; model {args.model}; {args.prompt_tokens} prompt "
           f"tokens, {args.tokens} generated, greedy; {os.cpu_count()} CPU cores; load average "
           f"{os.getloadavg()[0]:.1f} (1 min)")
