@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mlxllama
-from mlxllama import cpu_weights, kernels
+from mlxllama import cpu_weights, device, kernels
 from mlxllama.loader import load_model
 from tinymodels import write_model
 
@@ -177,9 +177,9 @@ def test_dense_flag_on_the_cli(tmp_path, monkeypatch):
 
     path = write_model(tmp_path / "q", quantize={"group_size": 32, "bits": 4})
     forms = []
-    real = cpu_weights.choose
-    monkeypatch.setattr(cpu_weights, "choose", lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
-    monkeypatch.setattr(cpu_weights, "_prefer_dense", False)
+    real = device.weights_form
+    monkeypatch.setattr(device, "weights_form", lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
+    monkeypatch.setattr(device, "_prefer_dense", False)
     for flag in ([], ["--dense"]):
         r = CliRunner().invoke(cli, ["generate", "--model", str(path), *flag, "-p", "hi", "-n", "2"])
         assert r.exit_code == 0, r.output
