@@ -45,6 +45,35 @@ def test_matches_mlx_on_random_shapes(bits, gs):
         close(kernels.quantized_matmul(x, wq, s, b, gs, bits), reference(x, wq, s, b, gs, bits))
 
 
+ISAS = {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(
+    kernels.info().get("isa"), ["generic"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS[1:] or ["generic"])
+def test_every_instruction_set_matches_mlx(isa):
+    """The loops the CPU would not pick by itself (MLXLLAMA_KERNEL_ISA caps the choice): each bit
+    width, one-row to 16-row blocks and the dequantized-tile path (17+ rows)."""
+    code = (
+        "import sys, numpy as np, mlx.core as mx\n"
+        "from mlxllama import kernels\n"
+        "assert kernels.info()['isa'] == sys.argv[1], kernels.info()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for bits, gs in ((2, 64), (4, 32), (4, 64), (8, 128)):\n"
+        "    w = mx.array(rng.normal(size=(37, 4 * gs)).astype(np.float32))\n"
+        "    wq, s, b = mx.quantize(w, group_size=gs, bits=bits)\n"
+        "    for rows in (1, 3, 5, 8, 16, 40):\n"
+        "        x = mx.array(rng.normal(size=(rows, 4 * gs)).astype(np.float32))\n"
+        "        got = np.array(kernels.quantized_matmul(x, wq, s, b, gs, bits))\n"
+        "        want = np.array(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits))\n"
+        "        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (bits, gs, rows)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, MLXLLAMA_KERNEL_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", code, isa], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
 @needs_kernel
 def test_big_shapes_use_the_threads():
     for n, k, rows in ((4096, 512, 1), (1000, 1024, 5), (700, 256, 100)):
