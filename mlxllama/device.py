@@ -9,12 +9,15 @@
 - the compiled decode step (compiled_step_default): pays on GPUs; off on the CPU, where decode is
   bound by reading weights and MLX compiles kernels with the system C++ compiler (seconds);
 - overlapping decode steps (overlap_steps): queue step n+1 before handing out step n on GPUs;
+- memory (memory_bytes, working_set_bytes, wire_memory, wired_limit): the machine's RAM, Metal's
+  recommended working set and keeping the model wired there;
 - facts for reports and bug reports (kind, blas, facts): the device, the BLAS MLX's float32
   matmul uses on Linux (mlxllama._platform), the native kernel.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -55,6 +58,35 @@ def memory_bytes() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def working_set_bytes() -> int | None:
+    """Metal's recommended working set (what the GPU can hold without paging), or None elsewhere."""
+    if not mx.metal.is_available():
+        return None
+    return int(mx.metal.device_info()["max_recommended_working_set_size"])
+
+
+def wire_memory() -> None:
+    """On Metal, keep up to the recommended working set wired so the model is not paged out (as
+    mlx-lm's server does); elsewhere nothing."""
+    limit = working_set_bytes()
+    if limit is not None:
+        mx.set_wired_limit(limit)
+
+
+@contextlib.contextmanager
+def wired_limit():
+    """wire_memory for the duration of a run (as mlx-lm's training does), then the previous limit."""
+    limit = working_set_bytes()
+    if limit is None:
+        yield
+        return
+    previous = mx.set_wired_limit(limit)
+    try:
+        yield
+    finally:
+        mx.set_wired_limit(previous)
 
 
 # -- what runs where -----------------------------------------------------------------------------

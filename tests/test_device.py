@@ -72,3 +72,15 @@ def test_generate_compiled_none_follows_the_device():
     prompt = mx.array([1, 5, 9, 20])
     want = [t for t, _ in generate_step(prompt, model, max_tokens=6, compiled=device.compiled_step_default())]
     assert [t for t, _ in generate_step(prompt, model, max_tokens=6, compiled=None)] == want
+
+
+def test_memory_facts():
+    assert device.memory_bytes() is None or device.memory_bytes() > 1 << 20
+    if not mx.metal.is_available():
+        assert device.working_set_bytes() is None
+        with device.wired_limit():  # nothing to wire off Metal
+            pass
+        device.wire_memory()
+    from mlxllama.serve.engine import default_max_kv_bytes
+
+    assert default_max_kv_bytes() == (device.working_set_bytes() or device.memory_bytes() or 16 << 30) // 2

@@ -118,9 +118,7 @@ def kv_bytes_per_token(model, kv_bits: int | None = None, kv_group_size: int = 6
 
 def default_max_kv_bytes() -> int:
     """Half the machine's memory (Metal: of the recommended working set)."""
-    if mx.metal.is_available():
-        return int(mx.metal.device_info()["max_recommended_working_set_size"]) // 2
-    total = device.memory_bytes()
+    total = device.working_set_bytes() or device.memory_bytes()
     return total // 2 if total is not None else 8 << 30
 
 
