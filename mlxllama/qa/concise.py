@@ -36,7 +36,7 @@ def concise_answer(answer: str, question: str, passages: list[str]) -> str | Non
     from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
 
     if _CJK.search(answer):
-        return None
+        return _concise_cjk(answer, question, passages)
     first = _SENTENCE_END.split(answer.strip(), maxsplit=1)[0].strip()
     words = first.split()
     if len(words) < 2:
@@ -82,6 +82,31 @@ def concise_answer(answer: str, question: str, passages: list[str]) -> str | Non
         return None
     text = " ".join(best).strip(_EDGE)
     return text if text and text != answer.strip().strip(_EDGE) else None
+
+
+_CJK_CLAUSE = re.compile(r"[。，；！？、,;!?\n]")
+
+
+def _concise_cjk(answer: str, question: str, passages: list[str]) -> str | None:
+    """CJK text has no spaces: the first clause without its longest beginning and end that the
+    question holds ("空间站运行在约400公里高的轨道上" after "空间站运行在多高的轨道上？" -> "约400公里"),
+    when the passages hold the rest."""
+    clause = _CJK_CLAUSE.split(answer.strip(), maxsplit=1)[0].strip()
+    q = question.strip()
+
+    def edge(text: str, from_start: bool) -> int:
+        for n in range(len(text) - 1, 1, -1):  # at least two characters, never the whole clause
+            if (text[:n] if from_start else text[-n:]) in q:
+                return n
+        return 0
+
+    head = edge(clause, True)
+    rest = clause[head:]
+    tail = edge(rest, False) if len(rest) > 2 else 0
+    short = rest[: len(rest) - tail].strip()
+    if not (head or tail) or not short or not any(short in p for p in passages):
+        return None
+    return short
 
 
 def grounded(answer: str, passages: list[str]) -> bool:
