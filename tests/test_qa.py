@@ -429,7 +429,13 @@ def test_concise_answer_keeps_what_the_question_lacks(sentence, question, short)
 def test_concise_answer_leaves_short_or_unfound_answers_alone():
     assert concise_answer("1815", "When was she born?", [LOVELACE]) is None  # already short
     assert concise_answer("She was born in Vienna in 1820.", "When was she born?", [LOVELACE]) is None  # not there
-    assert concise_answer("在伦敦。", "她在哪里出生？", ["她在伦敦出生。"]) is None  # CJK: left as generated
+    assert concise_answer("在伦敦。", "她在哪里出生？", ["她在伦敦出生。"]) is None  # nothing restated
+
+
+def test_concise_answer_in_chinese():
+    passage = "空间站运行在约400公里高的轨道上，通常由三名航天员驻留。"
+    assert concise_answer("空间站运行在约400公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) == "约400公里"
+    assert concise_answer("空间站运行在约500公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) is None
 
 
 def test_grounded_answers_share_a_word_with_the_documents():

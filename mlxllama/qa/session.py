@@ -108,6 +108,8 @@ class QASession:
         self.reused_tokens = 0  # document tokens of the last question that came from the prefix cache
         # answers copy the documents: drafting from them is the same output, sooner
         gen_kwargs.setdefault("prompt_lookup", DEFAULT_PROMPT_LOOKUP)
+        # an answer ends at its first blank line: past it a small model goes on inventing
+        gen_kwargs.setdefault("stop", ["\n\n"])
         self.gen_kwargs = gen_kwargs
         self.window = context_length(model)
         before, after = prompt_parts(tokenizer, [Chunk("", 0, 0, "")])
