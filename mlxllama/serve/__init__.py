@@ -36,9 +36,9 @@ def model_id_for(model: str | os.PathLike | None, model_dir: str) -> str:
 
 
 def mx_metal_available() -> bool:
-    import mlx.core as mx
+    from .. import device
 
-    return mx.metal.is_available()
+    return device.working_set_bytes() is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -113,10 +113,9 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
         for sock in sockets:
             sock.close()
         raise
-    if mx_metal_available():  # as mlx-lm: keep the model's memory wired so it is not paged out
-        import mlx.core as mx
+    from .. import device
 
-        mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+    device.wire_memory()  # Metal: keep the model's memory wired so it is not paged out
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
     if group is not None and prompt_cache_bytes > 0:
@@ -162,8 +161,7 @@ def follow(model: str | os.PathLike | None = None, *, group, watchdog=None, para
            kv_group_size: int = 64, quantized_kv_start: int = 0) -> None:
     """A rank other than 0 of a distributed server: loads its part of the model and repeats rank 0's
     engine steps (engine.mirror) until rank 0 stops; the settings must be rank 0's."""
-    import mlx.core as mx
-
+    from .. import device
     from ..distributed import watched
     from ..engine.mirror import follow as follow_engine
     from ..generate import check_kv
@@ -174,7 +172,7 @@ def follow(model: str | os.PathLike | None = None, *, group, watchdog=None, para
     if watchdog is not None:
         llm = watched(llm, watchdog)
     follow_engine(llm, tokenizer, group, watchdog, max_batch=max_batch, kv_bits=kv_bits, kv_group_size=kv_group_size,
-                  quantized_kv_start=quantized_kv_start, overlap=mx.default_device() != mx.cpu)
+                  quantized_kv_start=quantized_kv_start, overlap=device.overlap_steps())
 
 
 def open_when_up(url: str, host: str, port: int, timeout: float = 120.0) -> None:
