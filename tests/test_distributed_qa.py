@@ -77,7 +77,7 @@ def test_default_model_tensor_over_three_and_pipeline_over_two(default_model_dir
     doc.write_text("The Eiffel Tower is in Paris. It was completed in 1889 and is 330 metres tall.\n\n"
                    "The Colosseum is in Rome. It was completed in 80 AD.")
     args = ["--model", str(default_model_dir), "-c", str(doc), "-q", "When was the Eiffel Tower completed?",
-            "-q", "Who painted the Mona Lisa?", "--json", "-n", "16"]
+            "-q", "Who painted the Mona Lisa?", "--json", "-n", "8"]
     one = answers(qa(*args))
     assert "1889" in one[0]["answer"] and one[1]["no_answer"]
     assert_same(one, answers(qa(*args, ranks=3, parallel="tensor")))

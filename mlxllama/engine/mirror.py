@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 
-import mlx.core as mx
-
 from .. import distributed
 from .core import BatchEngine
 
