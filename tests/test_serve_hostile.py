@@ -16,7 +16,6 @@ import time
 import httpx
 import openai
 import pytest
-
 from tinymodels import write_model
 
 KEY = "k"
