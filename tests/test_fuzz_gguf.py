@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import struct
+import time
 
 import numpy as np
 import pytest
@@ -102,13 +103,23 @@ def tiny_tensors() -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def tiny_gguf(metadata: dict | None = None, raw_kvs: list[bytes] = ()) -> bytes:
+def tiny_gguf(metadata: dict | None = None, raw_kvs: list[bytes] = (), types: dict[str, int] | None = None,
+              fill: bytes | None = None) -> bytes:
+    """The tiny llama, F32 unless `types` gives a tensor another GGML type (its bytes then `fill`, repeated)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
     md = tiny_metadata() if metadata is None else metadata
     kvs = [kv(k, *typed(v)) for k, v in md.items()] + list(raw_kvs)
     infos, data = [], b""
     for name, shape in tiny_tensors().items():
-        infos.append(tensor_info(name, list(reversed(shape)), 0, len(data)))  # F32
-        data += np.full(shape, 0.01, np.float32).tobytes()
+        ttype = (types or {}).get(name, 0)
+        infos.append(tensor_info(name, list(reversed(shape)), ttype, len(data)))
+        if ttype == 0:
+            data += np.full(shape, 0.01, np.float32).tobytes()
+        else:
+            per, size = GGML_QUANT_SIZES[GGMLQuantizationType(ttype)]
+            n = math.prod(shape) // per * size if shape[-1] % per == 0 else 64
+            data += (fill * (n // len(fill) + 1))[:n]
         data += b"\0" * (-len(data) % 32)
     return gguf_bytes(kvs, infos, data)
 
@@ -208,6 +219,15 @@ def test_truncated_or_corrupted_anywhere(tmp_path, data):
     guarded(tmp_path, bytes(blob), open_and_build)
 
 
+@FUZZ
+@given(st.dictionaries(st.sampled_from(sorted(tiny_tensors())), st.sampled_from(
+    [t.value for t in __import__("gguf").GGMLQuantizationType]), min_size=1, max_size=4),
+    st.binary(min_size=1, max_size=64))
+def test_tensor_types_with_random_blocks(tmp_path, types, fill):
+    """Any GGML type for any tensor, with random block bytes (NaN and infinite scales included)."""
+    guarded(tmp_path, tiny_gguf(types=types, fill=fill), open_and_build)
+
+
 def test_truncation_at_every_byte_of_the_header_is_refused(tmp_path):
     """Every cut of a valid file, through the whole header and at steps through the data, is refused."""
     from mlxllama.convert.gguf_reader import GGUFFile
@@ -290,3 +310,19 @@ def test_what_fuzzing_found(tmp_path, change, message):
     with pytest.raises(MlxllamaError, match=message) as e:
         open_and_build(path)
     assert path.name in str(e.value)
+
+
+def test_the_guard_catches_a_huge_allocation_and_a_hang(tmp_path):
+    from test_fuzz_readers import Hang
+
+    def allocates(path):
+        return np.ones(100 << 20, np.uint8)
+
+    def hangs(path):
+        while True:
+            time.sleep(0.01)
+
+    with pytest.raises(AssertionError, match="allocated"):
+        guarded(tmp_path, b"", allocates)
+    with pytest.raises(Hang):
+        guarded(tmp_path, b"", hangs)
