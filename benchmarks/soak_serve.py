@@ -67,6 +67,7 @@ BAD_BODIES = [
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}).encode(),
     b"\xff\xfe\xfd invalid utf-8",
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 10**6}).encode(),
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
     ("[" * 10000 + "]" * 10000).encode(),
 ]
 

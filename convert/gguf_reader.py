@@ -3,8 +3,9 @@
 Layout: magic "GGUF", version u32, tensor count u64, kv count u64, the kvs, the tensor infos
 (name, n_dims u32, dims u64 x n, type u32, offset u64), padding to `general.alignment`, the data.
 Everything in the header is checked before a byte of data is read (a truncated file, a wrong magic,
-a tensor table pointing past the end, an unknown tensor type, absurd sizes: one WeightsError line
-each). `GGUFFile.data(t)` maps only that tensor's bytes, so memory follows the tensor being read.
+a tensor table pointing past the end, overlapping tensors, duplicate keys or tensor names, an
+unknown tensor type, absurd sizes or nesting: one WeightsError line each; fuzzed in
+tests/test_fuzz_gguf.py). `GGUFFile.data(t)` maps only that tensor's bytes, so memory follows the tensor being read.
 """
 
 from __future__ import annotations
@@ -155,11 +156,12 @@ class GGUFFile:
                 raise WeightsError(f"{path}: tensor {_shown(name)} has unknown GGML type {type_id}")
             count = math.prod(dims)
             if any(d == 0 for d in dims) or count > _MAX_ELEMENTS:
-                raise WeightsError(f"corrupt GGUF file {path}: tensor {_shown(name)} has absurd shape {list(reversed(dims))}")
+                raise WeightsError(f"corrupt GGUF file {path}: tensor {_shown(name)} has absurd shape "
+                                   f"{list(reversed(dims))}")
             per, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
             if dims[0] % per:
-                raise WeightsError(f"corrupt GGUF file {path}: tensor {_shown(name)} of type {ttype} has rows of {dims[0]} "
-                                   f"values, not a multiple of its block of {per}")
+                raise WeightsError(f"corrupt GGUF file {path}: tensor {_shown(name)} of type {ttype} has rows of "
+                                   f"{dims[0]} values, not a multiple of its block of {per}")
             nbytes = count // per * block_bytes
             start = data_start + offset
             if offset % alignment or start + nbytes > size:

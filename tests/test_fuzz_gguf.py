@@ -326,3 +326,18 @@ def test_the_guard_catches_a_huge_allocation_and_a_hang(tmp_path):
         guarded(tmp_path, b"", allocates)
     with pytest.raises(Hang):
         guarded(tmp_path, b"", hangs)
+
+
+def test_the_cli_answers_a_hostile_file_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    md = tiny_metadata()
+    md["llama.block_count"] = 10**9
+    path = _write(tmp_path, tiny_gguf(md))
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "convert", str(path), "-o", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120, check=False)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert [line for line in lines if line.startswith("error:")] == [lines[-1]] and path.name in lines[-1], lines
+    assert not (tmp_path / "out").exists()

@@ -166,7 +166,8 @@ def test_a_50_mb_body_is_refused_without_being_held(live):
     body = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"a" * (50 << 20) + b'"}]}'
     assert_refused(post(live, body), 413)
     # the same without a Content-Length: chunked, refused once past the limit
-    r = httpx.post(live.url + "/v1/chat/completions", content=(body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)),
+    chunks = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20))
+    r = httpx.post(live.url + "/v1/chat/completions", content=chunks,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}, timeout=120)
     assert_refused(r, 413)
     assert rss_mb(live.pid) - before < 40  # 50 MB never held at once
