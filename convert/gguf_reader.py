@@ -135,7 +135,9 @@ class GGUFFile:
             self.metadata[key] = r.value(r.take("<I"))
         alignment = self.metadata.get("general.alignment", 32)
         if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
-            raise WeightsError(f"corrupt GGUF file {path}: general.alignment {alignment!r}")
+            shown = repr(alignment.tolist() if isinstance(alignment, np.ndarray) else alignment)
+            raise WeightsError(f"corrupt GGUF file {path}: general.alignment must be a power of two, got "
+                               f"{shown if len(shown) <= 40 else shown[:37] + '...'}")
         table, names = [], set()
         for _ in range(n_tensors):
             name = r.string()

@@ -254,8 +254,15 @@ hostile = (st.integers(-2**63, 2**64 - 1) | st.sampled_from([0, -1, 10**9, 10**1
            | st.lists(st.text(max_size=4), max_size=3))
 
 
+READ_KEYS = sorted({*tiny_metadata(), "tokenizer.ggml.scores", "tokenizer.ggml.unknown_token_id",
+                    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token",
+                    "tokenizer.ggml.add_space_prefix", "llama.rope.scaling.type", "llama.rope.scaling.factor",
+                    "llama.attention.key_length", "llama.vocab_size"})
+
+
 @FUZZ
-@given(st.dictionaries(st.sampled_from(sorted(tiny_metadata())), hostile, max_size=4),
+@given(st.dictionaries(st.sampled_from(READ_KEYS), hostile | st.sampled_from(["llama", "gpt2", "linear", "qwen2"])
+                       | st.lists(st.floats(), min_size=8, max_size=8), max_size=4),
        st.sets(st.sampled_from(sorted(tiny_metadata())), max_size=3))
 def test_hostile_metadata_values(tmp_path, changes, dropped):
     """The keys the converter reads, with wrong types, absurd sizes (block_count 10^9) or missing."""
@@ -300,6 +307,7 @@ def test_deeply_nested_arrays_are_refused(tmp_path):
     ({"llama.embedding_length": "32"}, "must be an integer"),
     ({"llama.rope.freq_base": float("nan")}, "finite"),
     ({"llama.attention.key_length": 15}, "odd"),
+    ({"general.alignment": [0.0] * 7 + [1000.0]}, "alignment must be a power of two"),  # numpy's repr: 2 lines
 ])
 def test_what_fuzzing_found(tmp_path, change, message):
     from mlxllama.errors import MlxllamaError
