@@ -1,0 +1,122 @@
+"""GET /openapi.json, and schemathesis against a live server on a tiny random model: every request
+the document allows gets no 5xx other than 503, and every answer matches the document."""
+
+from __future__ import annotations
+
+import mlxllama  # noqa: I001  (first: it loads the optimized BLAS before mlx.core)
+
+import os
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from schemathesis.checks import content_type_conformance, response_schema_conformance, status_code_conformance
+
+from mlxllama.generation_options import OPTIONS
+from mlxllama.serve import create_app
+from test_serve import KEY, LiveServer, server, tiny_dir  # noqa: F401  (server, tiny_dir: fixtures)
+from tinymodels import write_model
+
+# per operation (half as many invalid ones): the whole file stays around a minute on two shared cores
+EXAMPLES = int(os.environ.get("MLXLLAMA_SCHEMATHESIS_EXAMPLES", 10))
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    path = write_model(tmp_path_factory.mktemp("openapi") / "tiny", max_position_embeddings=512)
+    model, tokenizer = mlxllama.load(path)
+    app = create_app(model, tokenizer, "tiny", max_batch=4, max_queue=8, max_body_bytes=64 * 1024,
+                     default_max_tokens=8)
+    with LiveServer(app) as server:
+        yield server
+
+
+def test_document_lists_every_route_with_its_methods(live):
+    doc = httpx.get(f"{live.url}/openapi.json").json()
+    assert doc["openapi"].startswith("3.")
+    for path, method in [("/v1/chat/completions", "post"), ("/chat/completions", "post"), ("/v1/completions", "post"),
+                         ("/v1/models", "get"), ("/v1/models/{model_id}", "get"), ("/v1/messages", "post"),
+                         ("/v1/responses", "post"), ("/api/chat", "post"), ("/api/generate", "post"),
+                         ("/api/tags", "get"), ("/v1/qa", "post"), ("/health", "get"), ("/openapi.json", "get")]:
+        assert method in doc["paths"][path], (path, method)
+    chat = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    # the sampling fields carry the ranges the server checks, from the one description
+    assert chat["temperature"]["minimum"] == 0 and chat["temperature"]["maximum"] == 2
+    assert chat["top_p"]["exclusiveMinimum"] is True and chat["top_p"]["maximum"] == 1
+    assert chat["min_p"]["exclusiveMaximum"] is True
+    assert chat["repeat_penalty"] == chat["repetition_penalty"]
+    assert chat["max_completion_tokens"]["minimum"] == OPTIONS["max_tokens"].server_range.lo == 1
+    assert chat["n"]["maximum"] == 8 and chat["stop"]["anyOf"][1]["maxItems"] == 4
+
+
+def test_document_needs_no_key_and_names_the_key_schemes(server):
+    r = httpx.get(f"{server.url}/openapi.json")  # no key: the document is public, like /health
+    assert r.status_code == 200
+    doc = r.json()
+    assert set(doc["components"]["securitySchemes"]) == {"bearer", "x-api-key"}
+    assert doc["paths"]["/v1/chat/completions"]["post"]["security"]
+    assert "security" not in doc["paths"]["/health"]["get"]
+    assert doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["model"]["enum"] == ["tiny-served"]
+    assert httpx.post(f"{server.url}/v1/chat/completions", json={}).status_code == 401
+
+
+def test_server_checks_the_ranges_it_publishes(live):
+    """A value just outside each published range is refused with a 400 naming the field."""
+    props = httpx.get(f"{live.url}/openapi.json").json()["components"]["schemas"]["ChatCompletionRequest"]["properties"]
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty"):
+        schema = props[name]
+        for bound, step in (("minimum", -1), ("maximum", 1)):
+            if bound not in schema:
+                continue
+            exclusive = schema.get("exclusive" + bound.capitalize(), False)
+            value = schema[bound] if exclusive else schema[bound] + step * (1 if schema["type"] == "integer" else 0.01)
+            r = httpx.post(f"{live.url}/v1/chat/completions",
+                           json={"messages": [{"role": "user", "content": "hi"}], name: value, "max_tokens": 1})
+            assert r.status_code == 400 and r.json()["error"]["param"] == name, (name, value, r.text)
+
+
+def not_a_server_error_but_overload(response, case):
+    """No 5xx, except 503 (overloaded: the client may retry)."""
+    if response.status_code >= 500 and response.status_code != 503:
+        raise AssertionError(f"{case.method} {case.path}: {response.status_code} {response.text[:300]}")
+
+
+def test_schemathesis(live):
+    """Every operation of the document, EXAMPLES generated requests each (schemathesis's positive
+    mode: bodies valid under the document, at the edges of the ranges too)."""
+    api = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    operations = [result.ok() for result in api.get_all_operations()]
+    assert len(operations) >= 20
+    for operation in operations:
+        @given(case=operation.as_strategy())
+        @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        def check(case):
+            response = case.call(base_url=live.url, timeout=30)
+            not_a_server_error_but_overload(response, case)
+            case.validate_response(response, checks=[response_schema_conformance, status_code_conformance,
+                                                     content_type_conformance])
+
+        check()
+
+
+def test_schemathesis_negative(live):
+    """Requests the document does not allow (wrong types, values out of range, missing fields):
+    each is answered without a 5xx other than 503."""
+    api = schemathesis.openapi.from_url(f"{live.url}/openapi.json")
+    for operation in [result.ok() for result in api.get_all_operations()]:
+        if not list(operation.iter_parameters()) and not operation.body:
+            continue  # nothing to get wrong
+        @given(case=operation.as_strategy(GenerationMode.NEGATIVE))
+        @settings(max_examples=max(1, EXAMPLES // 2), deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
+        def check(case):
+            not_a_server_error_but_overload(case.call(base_url=live.url, timeout=30), case)
+
+        try:
+            check()
+        except Unsatisfiable:  # no invalid value exists (a path parameter that takes any string)
+            assert operation.path == "/models/{model_id}" or operation.path.endswith("/models/{model_id}")
