@@ -20,7 +20,7 @@ one that begins with /."""
 
 
 @click.command("chat")
-@model_options(short_m=False)
+@model_options
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
 @kv_options

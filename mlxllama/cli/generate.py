@@ -39,7 +39,7 @@ def parse_template_config(text: str | None) -> dict:
 
 
 @click.command("generate")
-@model_options(short_m=False)
+@model_options
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")

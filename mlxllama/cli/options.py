@@ -7,17 +7,15 @@ import sys
 import click
 
 
-def model_options(f=None, *, short_m: bool = True):
-    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype, --dense."""
-    if f is None:
-        return lambda g: model_options(g, short_m=short_m)
+def model_options(f):
+    """--model, --adapter-path, --dtype, --dense (-m is mlx-lm's --max-tokens, never the model)."""
     f = click.option("--dense", is_flag=True, expose_value=False, callback=_dense_flag,
                      help="CPU: run quantized layers as float32 copies (about 8x the memory of 4-bit weights; "
                           "default: the native quantized kernel when built).")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
-    f = click.option("--model", *(["-m"] if short_m else []), default=None,
+    f = click.option("--model", default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
 

@@ -116,9 +116,9 @@ def terminal_questions():
 @click.command("qa")
 @model_options
 @click.argument("question", required=False)
-@click.option("--context", "-c", "contexts", multiple=True, required=True,
+@click.option("--context", "contexts", multiple=True, required=True,
               help="A document (text, Markdown, PDF, HTML, DOCX), a folder of them, or '-' for stdin (repeatable).")
-@click.option("--question", "-q", "questions", multiple=True,
+@click.option("--question", "questions", multiple=True,
               help="Another question about the same context (repeatable; each reuses the documents' KV cache).")
 @click.option("--interactive", "-i", is_flag=True, help="Ask questions at a prompt until Ctrl-D.")
 @click.option("--json", "as_json", is_flag=True,
