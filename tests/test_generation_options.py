@@ -83,3 +83,14 @@ def test_server_reads_each_option_under_all_its_field_names():
         parse_chat({**body, "min_p": 1}, "m")
     assert e.value.param == "min_p"
     assert parse_chat(body, "m").top_p == OPTIONS["top_p"].default
+
+
+def test_cli_batch_applies_penalties_and_refuses_what_it_cannot_do(tmp_path):
+    model = str(write_model(tmp_path / "m", "gqa_tied"))
+    base = ["generate", "--model", model, "--prompt", "hello", "--prompt", "world", "--max-tokens", "3",
+            "--ignore-chat-template"]
+    r = CliRunner().invoke(cli, base + ["--prompt-lookup", "2"])
+    assert isinstance(r.exception, InputError) and "--prompt-lookup cannot be used with several prompts" in str(r.exception)
+    r = CliRunner().invoke(cli, base + ["--repetition-penalty", "1.5", "--presence-penalty", "1"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("--- [") == 2

@@ -229,7 +229,7 @@ QA_REQUEST = {"type": "object", "required": ["documents", "question"], "properti
         "name": {"type": "string", "minLength": 1, "maxLength": 256}, "text": NOT_BLANK}}},
     "question": NOT_BLANK, "extractive": {"type": "boolean"}, "max_tokens": {"type": "integer", "minimum": 1},
     "top_chunks": {"type": "integer", "minimum": 1}, "max_context": {"type": "integer", "minimum": 32},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 2}, "seed": {"type": "integer"},
+    "temperature": option_schema(OPTIONS["temp"]), "seed": {"type": "integer"},
     "no_answer_threshold": {"anyOf": [{"type": "number"}, {"type": "string", "enum": ["auto", "off"]}]}}}
 
 # path (without an OpenAI route's /v1) -> (summary, request body, 200 response body, its media types)
