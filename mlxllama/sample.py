@@ -84,7 +84,7 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> Processor
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
             return logits
-        recent = tokens[..., -context_size:]
+        recent = tokens[..., -min(context_size, tokens.shape[-1]):]  # a window past the start is all of it
         recent = recent.reshape(logits.shape[0], -1) if recent.ndim == 2 or logits.shape[0] == 1 else recent
         picked = mx.take_along_axis(logits, recent, axis=-1)
         picked = mx.where(picked < 0, picked * penalty, picked / penalty)

@@ -20,8 +20,8 @@ from mlxllama.serve import create_app
 from test_serve import KEY, LiveServer, server, tiny_dir  # noqa: F401  (server, tiny_dir: fixtures)
 from tinymodels import write_model
 
-# per operation (half as many invalid ones): the whole file stays around a minute on two shared cores
-EXAMPLES = int(os.environ.get("MLXLLAMA_SCHEMATHESIS_EXAMPLES", 10))
+# random requests per operation (half as many invalid ones) after the coverage phase's systematic ones
+EXAMPLES = int(os.environ.get("MLXLLAMA_SCHEMATHESIS_EXAMPLES", 4))
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,58 @@ def not_a_server_error_but_overload(response, case):
         raise AssertionError(f"{case.method} {case.path}: {response.status_code} {response.text[:300]}")
 
 
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`mlxllama serve` in its own process on a tiny random model: the URL it answers on."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    path = write_model(tmp_path_factory.mktemp("served") / "tiny", max_position_embeddings=512)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "mlxllama", "serve", "--model", str(path), "--port", str(port),
+                             "--max-tokens", "8", "--log-level", "warning"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the server did not start"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err, err[-3000:]  # nothing failed inside the server either
+
+
+def test_schemathesis_coverage(served, tmp_path):
+    """schemathesis's coverage phase (`schemathesis run --phases coverage`): for every operation,
+    the edges of every field's range and type, valid and invalid; no 5xx but 503, and every answer
+    as documented."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    checks = "not_a_server_error_but_overload,response_schema_conformance,status_code_conformance," \
+             "content_type_conformance"
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "schemathesis_hooks", "PYTHONPATH": str(Path(__file__).parent)}
+    r = subprocess.run([str(Path(sys.executable).with_name("schemathesis")), "run", f"{served}/openapi.json",
+                        "--phases", "coverage", "--checks", checks, "--request-timeout", "30", "--no-color",
+                        # the OpenAI routes without /v1 are the same handlers as those with it
+                        "--exclude-path-regex", "^/(chat/completions|completions|models.*)$"],
+                       capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-6000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "generated" in r.stdout
+
+
 def test_schemathesis(live):
     """Every operation of the document, EXAMPLES generated requests each (schemathesis's positive
     mode: bodies valid under the document, at the edges of the ranges too)."""
@@ -120,3 +172,19 @@ def test_schemathesis_negative(live):
             check()
         except Unsatisfiable:  # no invalid value exists (a path parameter that takes any string)
             assert operation.path == "/models/{model_id}" or operation.path.endswith("/models/{model_id}")
+
+
+def test_what_schemathesis_found(live):
+    """Requests that once got a 500 (or failed every request in the batch)."""
+    chat = f"{live.url}/v1/chat/completions"
+    r = httpx.post(chat, json={"messages": [{"role": {}, "content": "x"}]})  # an unhashable role
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    # a tiny penalty makes logits infinite: the log probabilities stay JSON numbers
+    r = httpx.post(f"{live.url}/v1/completions", json={"prompt": "0", "repetition_penalty": 5e-324, "logprobs": 2,
+                                                        "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert all(lp == lp and abs(lp) != float("inf") for lp in r.json()["choices"][0]["logprobs"]["token_logprobs"])
+    # a repetition window far past the start of the text is the whole text
+    r = httpx.post(chat, json={"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 1.2,
+                               "repetition_context_size": 1 << 40, "max_tokens": 2})
+    assert r.status_code == 200, r.text

@@ -366,7 +366,7 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise bad(where, f"'{where}' must be an object", "invalid_type")
     role = m.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}")
     content = m.get("content")
     extra: dict[str, Any] = {}
