@@ -110,6 +110,10 @@ def common_request() -> dict[str, Any]:
         "n_predict": _int(-1, description="llama.cpp: tokens to generate (-1: up to the context); not 0."),
         "repeat_last_n": _int(-1, description="llama.cpp: the repetition penalty's window (0: off, -1: all)."),
         "response_format": RESPONSE_FORMAT,
+        "json_schema": {"type": "object", "nullable": True,
+                        "description": "llama.cpp: a JSON schema the output follows (instead of response_format)."},
+        "grammar": {"type": "string", "nullable": True,
+                    "description": "llama.cpp: a GBNF grammar the output follows (instead of response_format)."},
         **sampling_properties(),
     }
 
