@@ -37,6 +37,13 @@ def click_type(o, r=None):
     return o.type
 
 
+def request_type(name: str):
+    """The click type of a generation option with the range a server request may use (a server default)."""
+    from ..generation_options import OPTIONS
+
+    return click_type(OPTIONS[name], OPTIONS[name].request_range)
+
+
 def generation_option(name: str, *, default=..., help: str | None = None, lo=None):
     """The click option of one generation option, as described in generation_options.OPTIONS;
     `default`, `help`, `lo` (a higher minimum) adapt it to one command."""
