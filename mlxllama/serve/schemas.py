@@ -47,7 +47,7 @@ class Parsed:
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None  # None: the server's default
     temperature: float | None = None  # None: the server's default
-    top_p: float = 1.0
+    top_p: float = OPTIONS["top_p"].default
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -55,12 +55,12 @@ class Parsed:
     logprobs: int | None = None  # None: off; k: the chosen token plus k alternatives
     logit_bias: dict[int, float] | None = None
     n: int = 1  # choices, decoded as rows of one batch
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
-    repetition_context_size: int = 20
+    top_k: int = OPTIONS["top_k"].default
+    min_p: float = OPTIONS["min_p"].default
+    presence_penalty: float = OPTIONS["presence_penalty"].default
+    frequency_penalty: float = OPTIONS["frequency_penalty"].default
+    repetition_penalty: float | None = OPTIONS["repetition_penalty"].default
+    repetition_context_size: int = OPTIONS["repetition_context_size"].default
     ignore_eos: bool = False
     model: str | None = None  # the name the request used, echoed in the response
 
