@@ -27,6 +27,7 @@ _NO_ANSWER_PATTERNS = re.compile(
     r"|(context|text) does not (contain|mention|provide|say|specify|state|include)"
     r"|not (explicitly |directly |clearly )?(mentioned|provided|stated|specified|given|found) in the (context|text)"
     r"|^(this|the) question is not (answered )?in the (context|text)"
+    r"|^this is a question that is not answered"
     r"|答案不在上下文中)",
     re.IGNORECASE,
 )
