@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -86,7 +87,7 @@ class Option:
                 raise InputError(f"{label} must be a {self.type.__name__} or a list of them, got {value!r}")
             return value
         if self.type in (int, float):
-            ok = isinstance(value, (int, float) if self.type is float else int) and not isinstance(value, bool)
+            ok = isinstance(value, numbers.Real if self.type is float else numbers.Integral) and not isinstance(value, bool)
             if not ok:
                 raise InputError(f"{label} must be {_kind(self)}, got {value!r}")
             if not math.isfinite(value) or value not in self.range:

@@ -54,6 +54,9 @@ def test_valid_options_and_the_other_keywords_pass(tiny):
                              stop=["x"], prefill_step_size=8)
     assert isinstance(text, str)
     check_options({"verbose": True}, allowed={"verbose"})
+    import numpy as np
+
+    check_options({"max_tokens": np.int64(2), "temp": np.float32(0.5)})  # NumPy scalars are numbers too
 
 
 def test_chat_session_checks_its_options(tiny):
