@@ -170,6 +170,8 @@ def test_old_short_flags_are_rewritten_with_one_warning(capsys):
     assert err.count("\n") == 1 and "-c, -m, -q in `mlxllama qa` are deprecated" in err and "--question" in err
     assert rewrite(dict(all_commands())["convert"], "convert", ["-q"]) == ["-q"]  # mlx-lm's meaning stays
     assert capsys.readouterr().err == ""
+    assert rewrite(qa, "qa", ["-m", "12", "--context", "a"]) == ["--max-tokens", "12", "--context", "a"]
+    assert capsys.readouterr().err == ""  # -m N is --max-tokens, as in mlx-lm
 
 
 def test_old_short_flag_still_works_from_the_command_line(tiny, tmp_path):

@@ -26,7 +26,8 @@ def value_options(command: click.Command) -> set[str]:
 
 def rewrite(command: click.Command, name: str, args: list[str]) -> list[str]:
     """`args` with the command's deprecated short flags spelled long; one warning line on stderr
-    when there were any. A value of another option and anything after `--` are left alone."""
+    when there were any. A value of another option and anything after `--` are left alone; `-m N`
+    (a number) is --max-tokens where the command has it."""
     renamed = DEPRECATED.get(name)
     if not renamed:
         return args
@@ -36,7 +37,10 @@ def rewrite(command: click.Command, name: str, args: list[str]) -> list[str]:
         if arg == "--" and not value_next:
             out += args[i:]
             break
-        if not value_next:
+        number_next = i + 1 < len(args) and args[i + 1].isdigit()
+        if not value_next and arg == "-m" and number_next and "--max-tokens" in takes_value:
+            arg = "--max-tokens"  # -m N: mlx-lm's meaning, as in generate and chat
+        elif not value_next:
             for short, long in renamed.items():
                 if arg == short or (arg.startswith(short) and not arg.startswith("--") and long in takes_value):
                     used.append(short)
