@@ -52,8 +52,8 @@ def setting(tmp_path_factory):
     doc.write_text("\n\n".join(f"## Section {i}\n\n" + " ".join(rng.choice(words) for _ in range(50))
                                + f". The tower {i} was built in {1800 + 7 * i}." for i in range(10)))
     # chunked (the document exceeds --max-context), BM25 then the model's reranking, answers generated
-    args = ["--model", str(model), "-c", str(doc), "--max-context", "128", "--top-chunks", "2", "--rerank", "4",
-            "-q", "When was tower 3 built?", "-q", "Who built the old bridge?", "--json", "-n", "24"]
+    args = ["--model", str(model), "--context", str(doc), "--max-context", "128", "--top-chunks", "2", "--rerank", "4",
+            "--question", "When was tower 3 built?", "--question", "Who built the old bridge?", "--json", "-n", "24"]
     return args
 
 
@@ -65,7 +65,7 @@ def test_two_ranks_answer_as_one_process(setting, mode):
 
 
 def test_a_missing_context_file_is_one_line_from_rank_0(setting, tmp_path):
-    r = qa("--model", setting[1], "-c", str(tmp_path / "none.txt"), "what?", ranks=2)
+    r = qa("--model", setting[1], "--context", str(tmp_path / "none.txt"), "what?", ranks=2)
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: context file not found: {tmp_path / 'none.txt'}"], r.stderr
     assert "Traceback" not in r.stderr
@@ -76,8 +76,8 @@ def test_default_model_tensor_over_three_and_pipeline_over_two(default_model_dir
     doc = tmp_path / "notes.txt"
     doc.write_text("The Eiffel Tower is in Paris. It was completed in 1889 and is 330 metres tall.\n\n"
                    "The Colosseum is in Rome. It was completed in 80 AD.")
-    args = ["--model", str(default_model_dir), "-c", str(doc), "-q", "When was the Eiffel Tower completed?",
-            "-q", "Who painted the Mona Lisa?", "--json", "-n", "8"]
+    args = ["--model", str(default_model_dir), "--context", str(doc), "--json", "-n", "8",
+            "--question", "When was the Eiffel Tower completed?", "--question", "Who painted the Mona Lisa?"]
     one = answers(qa(*args))
     assert "1889" in one[0]["answer"] and one[1]["no_answer"]
     assert_same(one, answers(qa(*args, ranks=3, parallel="tensor")))
