@@ -270,6 +270,7 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
     for name in opts.models:
         label, path = resolve_bench_model(name, work_dir, log)
         entry = {"name": label, "path": path, "systems": {}, "ttft": None, "lookup": None}
+        config = None
         try:
             config = json.loads((Path(path) / "config.json").read_text())
             entry["params"] = quantized_params(config)
@@ -292,6 +293,7 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
                     entry["systems"][sys_label] = {"error": "no GGUF file (pass --gguf)"}
                     continue
                 spec["gguf"], spec["threads"] = gguf, opts.llama_cpp_threads
+                spec["vocab"] = (config or {}).get("vocab_size")  # the same random prompts as ours
                 spec["llama_cpp_backend"] = llama_cpp_backend(gguf)
                 if spec["llama_cpp_backend"] is None:
                     entry["systems"][sys_label] = {"error": "no llama.cpp binding runs here (pip install xllamacpp)"}

@@ -133,7 +133,7 @@ class LlamaCpp(Runner):
         if self.backend is None:
             raise RuntimeError("no llama.cpp binding runs here (pip install xllamacpp)")
         self.engine = lc.open_engine(self.backend, spec["gguf"], n_ctx=max(n_ctx, 512), threads=spec.get("threads"))
-        self.vocab = lc.vocab_size(spec["gguf"])
+        self.vocab = spec.get("vocab") or lc.vocab_size(spec["gguf"])  # from the parent: gguf-py's reader costs RSS
         self.peak_gb = lc.peak_rss_gb
 
     def first_token(self, prompt) -> float:
