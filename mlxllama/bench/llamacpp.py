@@ -186,7 +186,8 @@ def next_tokens(gguf: str | os.PathLike, token_lists: list[list[int]], timeout: 
 
 
 def generate(gguf: str | os.PathLike, tokens: list[int], n: int, timeout: float = 900) -> list[int]:
-    """llama.cpp's greedy continuation of `tokens` by n tokens (end of sequence ignored)."""
+    """llama.cpp's greedy continuation of `tokens` by n tokens (with xllamacpp, llama.cpp's ignore_eos:
+    end-of-generation tokens are never chosen)."""
     return _call(["generate", str(gguf), str(n)], list(map(int, tokens)), timeout)
 
 
@@ -206,6 +207,8 @@ def main(argv: list[str]) -> None:
     payload = json.loads(sys.stdin.read())
     if cmd == "next-tokens":
         longest = max((len(t) for t in payload), default=1)
+        # one thread: on a machine with more runnable threads than cores llama.cpp's spinning
+        # thread pool is many times slower than a single thread
         e = open_engine(name, args[0], n_ctx=max(256, longest + 8), threads=1)
         out = [e.next_tokens(t) for t in payload]
     elif cmd == "generate":
