@@ -67,16 +67,19 @@ BAD_BODIES = [
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 10**9}).encode(),
     b"\xff\xfe\xfd invalid utf-8",
     json.dumps({"messages": [{"role": "user", "content": "hi"}], "n": 10**6}).encode(),
+    b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
     ("[" * 10000 + "]" * 10000).encode(),
 ]
 
 
-async def client_loop(i: int, base: str, model: str, deadline: float, stats: dict, max_tokens: int) -> None:
+async def client_loop(i: int, base: str, model: str, deadline: float, stats: dict, max_tokens: int,
+                      min_done: int = 0) -> None:
     import httpx
 
     rng = random.Random(i)
     async with httpx.AsyncClient(base_url=base, timeout=300) as http:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline or (stats["completed"] + stats["cancelled"] < min_done
+                                              and time.monotonic() < deadline + 120):
             kind = rng.choices(["plain", "stream", "cancel", "bad"], weights=[4, 4, 2, 1])[0]
             body = {"model": model, "messages": [{"role": "user", "content": f"client {i}: tell me about {rng.random()}"}],
                     "max_tokens": rng.randint(4, max_tokens), "temperature": 0}
@@ -123,11 +126,12 @@ async def client_loop(i: int, base: str, model: str, deadline: float, stats: dic
                 stats["errors"].append(f"{kind}: {type(e).__name__}")
 
 
-async def soak(base: str, model: str, clients: int, seconds: float, max_tokens: int) -> dict:
+async def soak(base: str, model: str, clients: int, seconds: float, max_tokens: int, min_done: int = 0) -> dict:
+    """min_done: go on past `seconds` (at most 120 s more) until that many requests completed or hung up."""
     stats = {"completed": 0, "turned_away": 0, "cancelled": 0, "bad_ok": 0, "bad_wrong": 0, "lost": 0, "5xx": 0,
              "latencies": [], "errors": []}
     deadline = time.monotonic() + seconds
-    await asyncio.gather(*(client_loop(i, base, model, deadline, stats, max_tokens) for i in range(clients)))
+    await asyncio.gather(*(client_loop(i, base, model, deadline, stats, max_tokens, min_done) for i in range(clients)))
     return stats
 
 
@@ -143,7 +147,9 @@ def main() -> int:
     p.add_argument("--model", default=None, help="model folder (default: the default model)")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--seconds", type=float, default=600)
-    p.add_argument("--warmup", type=float, default=10)
+    p.add_argument("--warmup", type=float, default=10, help="seconds of warm-up before RSS is measured")
+    p.add_argument("--warmup-requests", type=int, default=400,
+                   help="and at least this many requests in the warm-up (a slow machine takes longer)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--max-growth", type=float, default=5.0, help="percent of RSS growth after warm-up allowed")
     p.add_argument("--server-arg", action="append", default=[], help="extra `mlxllama serve` argument (repeatable)")
@@ -157,7 +163,8 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     try:
         model = httpx.get(base + "/v1/models").json()["data"][0]["id"]
-        asyncio.run(soak(base, model, a.clients, a.warmup, a.max_tokens))  # warm-up: allocator, caches
+        # warm-up: allocator, MLX's buffers for the batch shapes, the prefix cache
+        asyncio.run(soak(base, model, a.clients, a.warmup, a.max_tokens, a.warmup_requests))
         rss_start = rss_mb(proc.pid)
         stats = asyncio.run(soak(base, model, a.clients, a.seconds, a.max_tokens))
         time.sleep(1.0)

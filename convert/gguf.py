@@ -47,6 +47,11 @@ def open_gguf(path: Path, keep_float: bool = False) -> Source:
     names = {t.name for t in gguf.tensors}
     config = check_config(config_from_metadata(md, "output.weight" in names, path), str(path))
     _check_types(gguf)
+    if config["num_hidden_layers"] * 9 > len(gguf.tensors):  # 9 tensors a block: never build a table of 10^9
+        raise WeightsError(f"{path}: GGUF metadata claims {config['num_hidden_layers']} blocks, but the file has "
+                           f"only {len(gguf.tensors)} tensors")
+    if config["model_type"] == "llama" and config["head_dim"] % 2:
+        raise WeightsError(f"{path}: head size {config['head_dim']} is odd (rotary embeddings need pairs)")
     expected = expected_shapes(config, tied="output.weight" not in names)
     quantized_file = any(t.type not in FLOAT for t in gguf.tensors)
 

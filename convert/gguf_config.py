@@ -6,6 +6,7 @@ permuted). llama.cpp stores the Q and K rows of llama models permuted for its ro
 
 from __future__ import annotations
 
+import math
 import re
 
 import mlx.core as mx
@@ -79,10 +80,59 @@ def scalar(md: dict, key: str, default=None):
     return v
 
 
+def _shown(v) -> str:
+    text = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _wrong(path, key: str, what: str, v):
+    return WeightsError(f"corrupt GGUF file {path}: metadata {key} must be {what}, got {_shown(v)}")
+
+
+def meta_int(md: dict, key: str, path, default=None, low: int = 0):
+    """An integer metadata value (>= low), the default when absent, else one WeightsError line."""
+    v = scalar(md, key, default)
+    if v is None or v is default:
+        return v
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+        raise _wrong(path, key, f"an integer >= {low}", v)
+    return v
+
+
+def meta_float(md: dict, key: str, path, default=None):
+    v = scalar(md, key, default)
+    if v is None or v is default:
+        return v
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise _wrong(path, key, "a finite number", v)
+    return float(v)
+
+
+def meta_str(md: dict, key: str, path, default=None):
+    v = scalar(md, key, default)
+    if v is not None and not isinstance(v, str):
+        raise _wrong(path, key, "a string", v)
+    return v
+
+
+def meta_list(md: dict, key: str, path, kind: str, length: int | None = None):
+    """An array value: kind "str" (a list of strings) or "num" (a numeric array); None when absent."""
+    v = md.get(key)
+    if v is None:
+        return None
+    ok = (isinstance(v, list) and all(isinstance(x, str) for x in v)) if kind == "str" else (
+        isinstance(v, np.ndarray) and v.ndim == 1 and v.dtype.kind in "biuf")
+    if not ok:
+        raise _wrong(path, key, "an array of strings" if kind == "str" else "an array of numbers", v)
+    if length is not None and len(v) != length:
+        raise WeightsError(f"corrupt GGUF file {path}: metadata {key} has {len(v)} entries for {length} tokens")
+    return v
+
+
 def architecture(md: dict, path) -> str:
     arch = scalar(md, "general.architecture")
-    if arch not in ARCHITECTURES:
-        raise UnsupportedModelError(f"GGUF architecture '{arch}' in {path} is not supported "
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"GGUF architecture {_shown(arch)} in {path} is not supported "
                                     f"(supported: {', '.join(ARCHITECTURES)})")
     return arch
 
@@ -91,30 +141,27 @@ def config_from_metadata(md: dict, has_output: bool, path) -> dict:
     arch = architecture(md, path)
     model_type, hf_arch = ARCHITECTURES[arch]
 
-    def get(key, default=None):
-        return scalar(md, f"{arch}.{key}", default)
-
     def need(key):
-        v = get(key)
+        v = meta_int(md, f"{arch}.{key}", path, low=1)
         if v is None:
             raise WeightsError(f"{path}: GGUF metadata lacks {arch}.{key}")
         return v
 
-    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
-    tokens = md.get("tokenizer.ggml.tokens")
+    hidden, heads = need("embedding_length"), need("attention.head_count")
+    tokens = meta_list(md, "tokenizer.ggml.tokens", path, "str")
     config = {
         "architectures": [hf_arch],
         "model_type": model_type,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-        "head_dim": int(get("attention.key_length", hidden // heads)),
-        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        "rope_theta": float(get("rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(get("context_length", 2048)),
-        "vocab_size": int(get("vocab_size", len(tokens) if tokens is not None else 0)),
+        "num_key_value_heads": meta_int(md, f"{arch}.attention.head_count_kv", path, heads, low=1),
+        "head_dim": meta_int(md, f"{arch}.attention.key_length", path, hidden // heads, low=1),
+        "rms_norm_eps": meta_float(md, f"{arch}.attention.layer_norm_rms_epsilon", path, 1e-5),
+        "rope_theta": meta_float(md, f"{arch}.rope.freq_base", path, 10000.0),
+        "max_position_embeddings": meta_int(md, f"{arch}.context_length", path, 2048, low=1),
+        "vocab_size": meta_int(md, f"{arch}.vocab_size", path, len(tokens) if tokens is not None else 0),
         "tie_word_embeddings": not has_output,
         "hidden_act": "silu",
     }
@@ -122,12 +169,13 @@ def config_from_metadata(md: dict, has_output: bool, path) -> dict:
         config.update(attention_bias=False, mlp_bias=False)
     else:
         config.update(use_sliding_window=False)
-    if get("rope.scaling.type") == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(get("rope.scaling.factor", 1.0))}
+    if meta_str(md, f"{arch}.rope.scaling.type", path) == "linear":
+        config["rope_scaling"] = {"type": "linear",
+                                  "factor": meta_float(md, f"{arch}.rope.scaling.factor", path, 1.0)}
     for key in ("bos", "eos", "padding"):
-        v = scalar(md, f"tokenizer.ggml.{key}_token_id")
+        v = meta_int(md, f"tokenizer.ggml.{key}_token_id", path)
         if v is not None:
-            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = int(v)
+            config["pad_token_id" if key == "padding" else f"{key}_token_id"] = v
     return config
 
 

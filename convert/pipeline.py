@@ -145,7 +145,7 @@ def _write(source: Source, out: Path, plan: Plan, dtype_name: str, max_bytes: in
 
 def _write_side_files(source: Source, folder: Path) -> None:
     if source.gguf_metadata is not None:
-        write_tokenizer_files(source.gguf_metadata, folder)
+        write_tokenizer_files(source.gguf_metadata, folder, source.path)
         gen = {k: source.config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in source.config}
         write_json(folder / "generation_config.json", gen)
         return

@@ -24,6 +24,11 @@ def _candidates() -> list[str]:
     return found
 
 
+def loaded_blas() -> str | None:
+    """The library load_blas loaded, or None (MLX's own BLAS; macOS: Accelerate)."""
+    return _BLAS
+
+
 def load_blas() -> str | None:
     """Load MKL's CBLAS globally (Linux, x86-64). Returns the library path or None."""
     global _BLAS

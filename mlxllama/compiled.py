@@ -3,13 +3,14 @@
 The graph must have fixed shapes, so the KV cache is preallocated (B, Hkv, capacity, Dh) and written
 at a position given as an array (mx.slice_update), RoPE takes that position as an array too, and
 attention reads the whole buffer under a mask (positions <= offset); on CPU the rotary cos/sin rows
-come in as inputs from the model's RopeTable. One graph is traced per
+come in as inputs from the model's backend (models.backend). One graph is traced per
 (batch, capacity); capacity is a multiple of CAPACITY_STEP, so a process traces few graphs.
 
 Where it pays: on a GPU, batch-1 decode of small models is bound by per-operation host work
 (building the graph in Python, launching kernels); compiling removes the first and fuses the
 elementwise kernels. On the CPU backend, decode is bound by reading the weights and MLX compiles
-kernels with the system C++ compiler at run time (seconds), so it is off there by default.
+kernels with the system C++ compiler at run time (seconds), so it is off there by default
+(device.compiled_step_default).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def supports_compiled_step(model) -> bool:
 
 def make_step(model: Model):
     """(tokens (B, 1), offset () int32, keys [(B, Hkv, C, Dh)], values [...], rope_rows [] or
-    [cos, sin]) -> (logits (B, V), keys, values). rope_rows: the model's RopeTable rows for this
+    [cos, sin]) -> (logits (B, V), keys, values). rope_rows: the backend's rotary rows for this
     position, computed on the host (CPU); empty: mx.fast.rope with the array offset (GPU)."""
 
     def step(tokens, offset, keys, values, rope_rows):

@@ -1,5 +1,6 @@
-"""How a quantized checkpoint's layers run on MLX's CPU backend (one place decides).
+"""Puts a quantized checkpoint's layers in the form they run in on MLX's CPU backend.
 
+Which form is mlxllama.device's decision (device.weights_form); this module carries it out.
 Three forms, same math (dequantized weights are exactly the values the quantized matmul uses):
 - "kernel": the layers stay quantized and run the native kernel (mlxllama.kernels): a 4-bit model
   stays 4-bit in memory and decodes faster than dense float32 (fewer bytes read per token);
@@ -12,35 +13,13 @@ Three forms, same math (dequantized weights are exactly the values the quantized
 
 from __future__ import annotations
 
-import os
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_unflatten
 
 from . import kernels
-
-_prefer_dense = False  # set by the CLI's --dense for the process
-
-
-def prefer_dense(value: bool = True) -> None:
-    """Makes dense the CPU form for loads that do not choose (dense=None), as `--dense` does."""
-    global _prefer_dense
-    _prefer_dense = value
-
-
-def dense_fits(model: nn.Module, budget_fraction: float = 0.25) -> bool:
-    """Whether float32 copies of the quantized layers fit in a quarter of RAM."""
-    params = sum(
-        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-        for _, m in model.named_modules()
-        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
-    )
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return False
-    return params * 4 <= budget_fraction * total
+from .device import dense_fits, has_quantized, prefer_dense  # noqa: F401  (this module's API before device.py)
+from .device import weights_form as choose  # noqa: F401  (the old name of device.weights_form)
 
 
 def _kernel_supports(m: nn.Module) -> bool:
@@ -70,34 +49,8 @@ def dequantize_layers(model: nn.Module, dtype: mx.Dtype, only=None) -> None:
         model.update_modules(tree_unflatten(replacements))
 
 
-def has_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) for _, m in model.named_modules())
-
-
-def choose(model: nn.Module, dense: bool | None, dtype: mx.Dtype, train: bool = False) -> str:
-    """"kernel", "dense" or "quantized" for this model's quantized layers.
-    dense: True forces dense, False keeps them quantized, None decides (train: for LoRA)."""
-    if not has_quantized(model):
-        return "quantized"
-    on_cpu = mx.default_device() == mx.cpu and dtype == mx.float32
-    if dense is None and _prefer_dense:
-        dense = True
-    if dense:
-        return "dense"
-    if not on_cpu:
-        return "quantized"
-    if dense is None and train:
-        return "dense" if dense_fits(model) else "quantized"
-    if kernels.available():
-        return "kernel"
-    kernels.tell_fallback_once()
-    if dense is None and dense_fits(model):
-        return "dense"
-    return "quantized"
-
-
 def apply(model: nn.Module, form: str, dtype: mx.Dtype) -> None:
-    """Puts the model's quantized layers in `form` (see choose). In "kernel" form, layers the kernel
+    """Puts the model's quantized layers in `form` (device.weights_form). In "kernel" form, layers the kernel
     cannot run (3, 5, 6 bits) are made dense when that fits."""
     if form == "dense":
         dequantize_layers(model, dtype)

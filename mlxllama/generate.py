@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import mlx.core as mx
 
+from . import device
 from .engine.batch import padding_mask  # noqa: F401  (re-exported: part of the public module)
 from .engine.text import StopMatcher, TextStream  # noqa: F401
 from .errors import InputError
@@ -70,7 +71,7 @@ def generate_step(
     max_kv_size: int | None = None,
     prompt_cache: list | None = None,
     prefill_step_size: int = 512,
-    compiled: bool = False,
+    compiled: bool | None = False,
     kv_bits: int | None = None,
     kv_group_size: int = 64,
     quantized_kv_start: int = 0,
@@ -78,7 +79,8 @@ def generate_step(
     """Yields (token, logprobs (V,)) pairs. The next step is queued before the current token is
     handed out (mx.async_eval), so the host never waits on the device between tokens.
     compiled=True decodes with one mx.compile'd graph per step (mlxllama.compiled) where the model
-    and cache allow it (our models, no prompt_cache, no max_kv_size, no kv_bits).
+    and cache allow it (our models, no prompt_cache, no max_kv_size, no kv_bits); None: where it
+    pays on this device (device.compiled_step_default: GPUs).
     kv_bits: store keys and values quantized (4 or 8 bits, groups of kv_group_size) once the cache
     holds quantized_kv_start positions; the caller's prompt_cache list is updated in place."""
     sampler = sampler or make_sampler()
@@ -107,6 +109,8 @@ def generate_step(
         history = prompt[: prompt.size - y.size]
     y, logprobs = step(y)
     mx.async_eval(y, logprobs)
+    if compiled is None:
+        compiled = device.compiled_step_default()
     if compiled and prompt_cache is None and max_kv_size is None and kv_bits is None and max_tokens > 1:
         from .compiled import CompiledForward, supports_compiled_step
 

@@ -12,13 +12,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from . import cpu_weights
+from . import cpu_weights, device
 from .cpu_weights import dense_fits, dequantize_layers  # noqa: F401  (part of this module's API)
+from .device import DTYPES, compute_dtype  # noqa: F401  (part of this module's API; device policy decides)
 from .errors import ConfigError, UnsupportedModelError, WeightsError
 from .resolve import resolve_model
 from .models.llama import SUPPORTED_MODEL_TYPES, Model, ModelArgs
-
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def read_json(path: Path, what: str = "") -> dict[str, Any]:
@@ -131,20 +130,6 @@ def check_weights(model: nn.Module, weights: dict[str, mx.array], model_dir: Pat
         raise WeightsError(f"{model_dir}: unexpected weight {extra[0]!r} (and {len(extra) - 1} more) for this config")
 
 
-def compute_dtype(weights: dict[str, mx.array], dtype: str | None) -> mx.Dtype:
-    """float32 on CPU (the CPU backend is 8x slower in bf16, 37x in fp16); else the checkpoint's half type."""
-    if dtype is not None:
-        if dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
-        return DTYPES[dtype]
-    if mx.default_device() == mx.cpu:
-        return mx.float32
-    for w in weights.values():
-        if w.dtype in (mx.bfloat16, mx.float16):
-            return w.dtype
-    return mx.float32
-
-
 def _stack_alias(stack: bool, fuse: bool | None) -> bool:
     if fuse is None:
         return stack
@@ -164,7 +149,7 @@ def load_model(
     train: bool = False,
     fuse: bool | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Builds the model from a folder. dense: how quantized layers run on the CPU (cpu_weights.choose:
+    """Builds the model from a folder. dense: how quantized layers run on the CPU (device.weights_form:
     None decides, the native kernel when built; True: float32 copies; False: stay quantized); train=True
     prefers the dense copies (LoRA's backward pass). stack=True stacks q/k/v and gate/up
     (Model.stack_projections) before anything is evaluated, so the stacked weights are built straight
@@ -192,9 +177,9 @@ def load_model(
     check_weights(model, weights, model_dir)
     model.load_weights(list(weights.items()), strict=False)
 
-    target = compute_dtype(weights, dtype)
+    target = device.compute_dtype(weights, dtype)
     model.set_dtype(target)
-    form = cpu_weights.choose(model, dense, target, train=train)
+    form = device.weights_form(model, dense, target, train=train)
     if form == "dense":
         cpu_weights.apply(model, form, target)
     if stack and hasattr(model, "stack_projections"):

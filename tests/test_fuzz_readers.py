@@ -5,8 +5,9 @@ what a hostile header claims."""
 from __future__ import annotations
 
 import json
+import signal
 import struct
-import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -24,16 +25,34 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-def check_one_line(fn, path: Path) -> None:
-    """Runs a reader: success, or a typed error whose message is one line naming the file."""
-    t = time.monotonic()
+class Hang(Exception):
+    pass
+
+
+def _hang(signum, frame):
+    raise Hang("a case took too long")
+
+
+def check_one_line(fn, path: Path, memory: int | None = None, limit: float = FAST) -> None:
+    """Runs a reader: success, or a typed error whose message is one line naming the file, within `limit`
+    seconds (a timer interrupts a hang) and, with `memory`, allocating at most that many bytes (traced)."""
+    previous = signal.signal(signal.SIGALRM, _hang)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    if memory is not None:
+        tracemalloc.start()
     try:
         fn(path)
     except MlxllamaError as e:
         message = str(e)
         assert "\n" not in message.strip(), message
         assert path.name in message or str(path.parent) in message, message
-    assert time.monotonic() - t < FAST
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        if memory is not None:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert peak < memory, f"a case allocated {peak} bytes"
 
 
 # -- safetensors headers ------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import mlxllama
-from mlxllama import cpu_weights, kernels
+from mlxllama import cpu_weights, device, kernels
 from mlxllama.loader import load_model
 from tinymodels import write_model
 
@@ -43,6 +43,35 @@ def test_matches_mlx_on_random_shapes(bits, gs):
         wq, s, b = mx.quantize(w, group_size=gs, bits=bits)
         x = mx.array(rng.normal(size=(rows, k)).astype(np.float32))
         close(kernels.quantized_matmul(x, wq, s, b, gs, bits), reference(x, wq, s, b, gs, bits))
+
+
+ISAS = {"avx512": ["avx512", "avx2", "generic"], "avx2": ["avx2", "generic"]}.get(
+    kernels.info().get("isa"), ["generic"])
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS[1:] or ["generic"])
+def test_every_instruction_set_matches_mlx(isa):
+    """The loops the CPU would not pick by itself (MLXLLAMA_KERNEL_ISA caps the choice): each bit
+    width, one-row to 16-row blocks and the dequantized-tile path (17+ rows)."""
+    code = (
+        "import sys, numpy as np, mlx.core as mx\n"
+        "from mlxllama import kernels\n"
+        "assert kernels.info()['isa'] == sys.argv[1], kernels.info()\n"
+        "rng = np.random.default_rng(0)\n"
+        "for bits, gs in ((2, 64), (4, 32), (4, 64), (8, 128)):\n"
+        "    w = mx.array(rng.normal(size=(37, 4 * gs)).astype(np.float32))\n"
+        "    wq, s, b = mx.quantize(w, group_size=gs, bits=bits)\n"
+        "    for rows in (1, 3, 5, 8, 16, 40):\n"
+        "        x = mx.array(rng.normal(size=(rows, 4 * gs)).astype(np.float32))\n"
+        "        got = np.array(kernels.quantized_matmul(x, wq, s, b, gs, bits))\n"
+        "        want = np.array(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=gs, bits=bits))\n"
+        "        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), (bits, gs, rows)\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, MLXLLAMA_KERNEL_ISA=isa)
+    r = subprocess.run([sys.executable, "-c", code, isa], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 @needs_kernel
@@ -177,9 +206,9 @@ def test_dense_flag_on_the_cli(tmp_path, monkeypatch):
 
     path = write_model(tmp_path / "q", quantize={"group_size": 32, "bits": 4})
     forms = []
-    real = cpu_weights.choose
-    monkeypatch.setattr(cpu_weights, "choose", lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
-    monkeypatch.setattr(cpu_weights, "_prefer_dense", False)
+    real = device.weights_form
+    monkeypatch.setattr(device, "weights_form", lambda *a, **k: forms.append(real(*a, **k)) or forms[-1])
+    monkeypatch.setattr(device, "_prefer_dense", False)
     for flag in ([], ["--dense"]):
         r = CliRunner().invoke(cli, ["generate", "--model", str(path), *flag, "-p", "hi", "-n", "2"])
         assert r.exit_code == 0, r.output

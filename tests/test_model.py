@@ -154,7 +154,7 @@ def test_fusion_leaves_groups_it_cannot_stack(tmp_path):
 @pytest.mark.parametrize("name", ["gqa_tied", "llama3_rope", "linear_rope_head_dim"])
 def test_rope_table_equals_fast_rope(name):
     """The CPU rows rotate as mx.fast.rope does, near and far positions alike."""
-    from mlxllama.models.llama import RopeTable, apply_rope_table
+    from mlxllama.models.host_ops import RopeTable, apply_rope_table
 
     model, config = make_model(name)
     args, rope = model.args, model.layers[0].self_attn.rope
@@ -209,12 +209,15 @@ def test_traditional_rope_uses_the_fast_kernel():
 @pytest.mark.parametrize("name", ["gqa_tied", "qwen2_bias", "llama3_rope"])
 def test_fused_model_on_the_fast_rope_path(name):
     """The GPU path (mx.fast.rope on the stacked q and k) gives the CPU path's logits."""
+    from mlxllama.models.backend import Backend, CPUBackend
+
+    assert isinstance(make_model(name)[0].backend, CPUBackend)  # chosen for the device when built
     model, _ = make_model(name)
     want = [np.array(model(TOKENS))]
     cache = model.make_cache()
     want.append(np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1)))
     model.stack_projections()
-    model.model._rope_table = None  # what rope_rows gives on a GPU
+    model.use_backend(Backend())  # plain MLX, as on a GPU
     cache = model.make_cache()
     got = [np.array(model(TOKENS)),
            np.array(mx.concatenate([model(TOKENS[:, :6], cache=cache), model(TOKENS[:, 6:7], cache=cache)], 1))]

@@ -401,3 +401,54 @@ def test_generative_answer_and_evidence(tiny, prompt_lookup):
     result = session.ask("Where?", pieces.append)
     assert result.answer == "paris, france" and "".join(pieces) == "paris, france"  # streamed
     assert result.evidence == {"source": "<context>", "start": 22, "end": 35, "text": "Paris, France"}
+
+
+# -- the short answer inside a generated sentence ------------------------------------------------
+
+from mlxllama.qa.concise import concise_answer, grounded  # noqa: E402
+
+LOVELACE = ("Ada Lovelace was born on 10 December 1815 in London. Her father was the poet Lord Byron. "
+            "With Charles Babbage she worked on the Analytical Engine. Uhuru Peak rises 5,895 metres above sea "
+            "level. The office is in Paris, France.")
+
+
+@pytest.mark.parametrize("sentence, question, short", [
+    ("Ada Lovelace was born on 10 December 1815.", "When was Ada Lovelace born?", "10 December 1815"),
+    ("Ada Lovelace's father was Lord Byron.", "Who was Ada Lovelace's father?", "Lord Byron"),
+    ("Lovelace worked on the Analytical Engine with Charles Babbage.",
+     "What machine did Lovelace work on with Charles Babbage?", "Analytical Engine"),
+    ("Uhuru Peak is 5,895 metres above sea level, making it the highest mountain in Africa.",
+     "How high is Uhuru Peak?", "5,895 metres above sea level"),
+    ("The office is in Paris, France.", "Where is the office?", "Paris, France"),
+])
+def test_concise_answer_keeps_what_the_question_lacks(sentence, question, short):
+    assert concise_answer(sentence, question, [LOVELACE]) == short
+    assert short in LOVELACE  # always text the documents hold
+
+
+def test_concise_answer_leaves_short_or_unfound_answers_alone():
+    assert concise_answer("1815", "When was she born?", [LOVELACE]) is None  # already short
+    assert concise_answer("She was born in Vienna in 1820.", "When was she born?", [LOVELACE]) is None  # not there
+    assert concise_answer("在伦敦。", "她在哪里出生？", ["她在伦敦出生。"]) is None  # nothing restated
+
+
+def test_concise_answer_in_chinese():
+    passage = "空间站运行在约400公里高的轨道上，通常由三名航天员驻留。"
+    assert concise_answer("空间站运行在约400公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) == "约400公里"
+    assert concise_answer("空间站运行在约500公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) is None
+
+
+def test_grounded_answers_share_a_word_with_the_documents():
+    assert grounded("Lord Byron", [LOVELACE]) and grounded("the poet", [LOVELACE])
+    assert not grounded("1889", [LOVELACE])  # the prompt's worked example, not the documents
+    assert grounded("...", [LOVELACE])  # nothing to check
+
+
+def test_generated_sentence_is_shortened_and_kept(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ada Lovelace was born on 10 December 1815.")))
+    result = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    assert result.answer == "10 December 1815" and result.sentence == "Ada Lovelace was born on 10 December 1815."
+    assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == "10 December 1815"
+    full = QASession(model, tok, LOVELACE, no_answer_threshold=None, concise=False).ask("When was Ada Lovelace born?")
+    assert full.answer == "Ada Lovelace was born on 10 December 1815." and full.sentence is None

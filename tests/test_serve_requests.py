@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import mlxllama  # noqa: I001  (first: it loads the optimized BLAS before mlx.core)
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -82,6 +84,31 @@ def test_penalties_and_filters_match_the_library(tiny, client):
     assert r.choices[0].text == alone(tiny, prompt, 16, temp=1.0, seed=3, min_p=0.5, top_k=40)
 
 
+def test_llama_cpp_grammar_fields_are_enforced(server, client):
+    """llama.cpp's `grammar` (GBNF) and `json_schema` constrain the output, never ignored."""
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for seed in range(3):
+        r = client.completions.create(model=MODEL_ID, prompt="Answer:", max_tokens=8, temperature=1.0, seed=seed,
+                                      extra_body={"grammar": 'root ::= "yes" | "no"'})
+        assert r.choices[0].text in ("yes", "no"), r.choices[0].text
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+              "additionalProperties": False}
+    r = client.chat.completions.create(model=MODEL_ID, messages=MESSAGES, max_tokens=40, temperature=1.0, seed=1,
+                                       extra_body={"json_schema": schema})
+    if r.choices[0].finish_reason == "stop":
+        value = json.loads(r.choices[0].message.content)
+        assert list(value) == ["n"] and isinstance(value["n"], int)
+    else:  # cut by max_tokens: still a prefix of the grammar's language
+        assert r.choices[0].message.content.startswith('{"n":')
+    bad_bodies = [({"grammar": "root ::= missing", "prompt": "x"}, "grammar"),
+                  ({"grammar": 'root ::= "a"', "json_schema": {"type": "object"}, "prompt": "x"}, "grammar"),
+                  ({"json_schema": "not a schema", "prompt": "x"}, "json_schema"),
+                  ({"grammar": 'root ::= "a"', "response_format": {"type": "json_object"}, "prompt": "x"}, "grammar")]
+    for body, param in bad_bodies:
+        r = httpx.post(server.url + "/v1/completions", json={**body, "max_tokens": 2}, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
 def test_llama_cpp_fields(tiny, server, client):
     headers = {"Authorization": f"Bearer {KEY}"}
     expected, _, n = greedy(tiny, "count", 5)
@@ -89,8 +116,7 @@ def test_llama_cpp_fields(tiny, server, client):
     r = httpx.post(server.url + "/v1/completions", json=body, headers=headers)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == expected and r.json()["usage"]["completion_tokens"] == n
-    for field, value in [("grammar", 'root ::= "yes" | "no"'), ("json_schema", {"type": "object"}),
-                         ("mirostat", 2), ("typical_p", 0.5), ("samplers", ["top_k"]), ("dry_multiplier", 0.8)]:
+    for field, value in [("mirostat", 2), ("typical_p", 0.5), ("samplers", ["top_k"]), ("dry_multiplier", 0.8)]:
         r = httpx.post(server.url + "/v1/completions", json={**body, field: value}, headers=headers)
         assert r.status_code == 400 and r.json()["error"]["param"] == field, (field, r.text)
     # neutral values of fields we do not implement are fine

@@ -220,3 +220,28 @@ def test_template_without_tools_gets_them_in_the_system_message(tiny):
     assert messages[3]["role"] == "tool" and messages[3]["name"] == "get_weather"
     text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **extra)
     assert "21 C" in text and "get_weather" in text
+
+
+@pytest.mark.slow
+def test_n_choices_each_follow_the_schema_and_the_tools(client):
+    schema = City.model_json_schema() | {"additionalProperties": False}
+    r = client.chat.completions.create(
+        model="smol", messages=[{"role": "user", "content": "Tell me about a city."}], n=3, max_tokens=60,
+        temperature=1.0, seed=4,
+        response_format={"type": "json_schema", "json_schema": {"name": "City", "schema": schema, "strict": True}})
+    assert [c.index for c in r.choices] == [0, 1, 2]
+    for c in r.choices:
+        if c.finish_reason == "stop":
+            jsonschema.validate(json.loads(c.message.content), schema)
+        else:
+            assert c.message.content.startswith("{")
+    r = client.chat.completions.create(model="smol", messages=ASK, tools=[WEATHER, ADD], tool_choice="required",
+                                       n=2, max_tokens=48, temperature=1.0, seed=7)
+    assert len(r.choices) == 2
+    for c in r.choices:
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls
+        call = c.message.tool_calls[0]
+        assert call.function.name in ("get_weather", "add")
+        args = json.loads(call.function.arguments)
+        params = (WEATHER if call.function.name == "get_weather" else ADD)["function"]["parameters"]
+        jsonschema.validate(args, params)

@@ -23,9 +23,9 @@ TTFT_PROMPT = "What is the capital of France?"
 
 
 def device_kind() -> str:
-    import mlx.core as mx
+    from .. import device
 
-    return "gpu" if mx.default_device() == mx.gpu else "cpu"
+    return device.kind()
 
 
 @dataclass
@@ -67,11 +67,11 @@ class BenchResult:
 def machine_info() -> dict:
     import mlx.core as mx
 
-    from .. import _platform
+    from .. import device
 
     info = {"date": time.strftime("%Y-%m-%d %H:%M"), "platform": platform.platform(), "python": platform.python_version(),
             "processor": _cpu_name(), "cpus": os.cpu_count(), "device": device_kind(), "mlx": mx.__version__,
-            "blas": _platform._BLAS or "mlx's own", "load_average": load_average()}
+            "blas": device.blas() or "mlx's own", "load_average": load_average()}
     try:
         import mlx_lm
 

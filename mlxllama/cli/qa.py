@@ -42,6 +42,9 @@ def qa_options(f):
     f = click.option("--max-context", type=click.IntRange(min=32), default=1500, show_default=True,
                      help="Most document tokens the model reads; longer documents are chunked on paragraphs "
                           "and headings, ranked with BM25 and reranked by the model.")(f)
+    f = click.option("--full-answer", is_flag=True,
+                     help="Keep the model's whole sentence as the answer (generative mode); by default the "
+                          "answer is the short part of it the documents hold word for word.")(f)
     f = click.option("--extractive", is_flag=True,
                      help="The answer is a span copied from the context, never invented text.")(f)
     return f
@@ -49,7 +52,7 @@ def qa_options(f):
 
 def qa_kwargs(o: dict) -> dict:
     return dict(extractive=o["extractive"], max_context=o["max_context"], whole=o["whole"],
-                top_chunks=o["top_chunks"], rerank=o["rerank"],
+                top_chunks=o["top_chunks"], rerank=o["rerank"], concise=not o["full_answer"],
                 no_answer_threshold=threshold(o["no_answer_threshold"]), max_tokens=o["max_tokens"], temp=o["temp"],
                 seed=o["seed"], prompt_lookup=o["prompt_lookup"])
 
@@ -70,7 +73,9 @@ def cite(result) -> str:
         where += f"{e['source']}"
         if c and c["heading"]:
             where += f" § {c['heading']}"
-        lines.append(where + f", characters {e['start']}-{e['end']}; score {result.score:.2f}")
+        quote = " ".join(e["text"].split())
+        quote = quote if len(quote) <= 80 else quote[:77] + "..."
+        lines.append(where + f", characters {e['start']}-{e['end']} \"{quote}\"; score {result.score:.2f}")
     return "\n".join(lines)
 
 

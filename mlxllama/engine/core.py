@@ -27,6 +27,7 @@ from typing import Sequence as Seq
 
 import mlx.core as mx
 
+from .. import device
 from ..sample import Processor, Sampler, greedy
 from .batch import KVQuant, make_batch
 from .prefix_cache import FLOAT, PrefixCache, kind_of
@@ -75,10 +76,8 @@ class BatchEngine:
         self.prefix_cache = prefix_cache
         self.quant = KVQuant(kv_bits, kv_group_size, quantized_kv_start)
         self.kinds = (FLOAT,) if kv_bits is None else (kind_of(kv_bits, kv_group_size), FLOAT)
-        # Overlap: queue step n+1 before handing out the tokens of step n. That hides host work
-        # behind a GPU; the CPU backend computes most of a step inside async_eval, so there it
-        # would only hold every token back by one step.
-        self.overlap = mx.default_device() != mx.cpu if overlap is None else overlap
+        # Overlap: queue step n+1 before handing out the tokens of step n (device.overlap_steps).
+        self.overlap = device.overlap_steps() if overlap is None else overlap
         self.eos = set(tokenizer.eos_token_ids)
         self._uids = itertools.count()
         self._reset_state()

@@ -3,9 +3,12 @@
 Entries are keyed by model identity, tokenizer hash, cache kind and token ids (the file name is a
 hash of all four; the header holds them). A lookup reads only file headers, picks the longest
 common prefix among this model's entries and loads that one file; loading touches the file, and
-when the folder passes `max_bytes` the least recently used files go first. A file that cannot be
-read, fails its checksum or does not fit the model is never used: a warning, then it is removed
-(this folder is ours) and the caller runs cold. A folder that cannot be written to only warns.
+when the folder passes `max_bytes` the least recently used files go first. An entry is written to a
+temporary file named after the writing process and renamed when whole, so a writer killed mid-write
+leaves only that temporary file: it is never listed or loaded, and the next eviction removes it
+once its process is gone. A file that cannot be read, fails its checksum or does not fit the model
+is never used: a warning, then it is removed (this folder is ours) and the caller runs cold. A
+folder that cannot be written to only warns.
 """
 
 from __future__ import annotations
@@ -14,10 +17,18 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Sequence
 
-from .files import CacheFileError, check_fits, load_prompt_cache, model_identity, read_header, save_prompt_cache
+from .files import (
+    CacheFileError,
+    check_fits,
+    load_prompt_cache,
+    model_identity,
+    read_header,
+    save_prompt_cache,
+)
 from .prefix_cache import Hit, cut_states
 
 log = logging.getLogger("mlxllama.cache")
@@ -53,6 +64,8 @@ def folder_entries(folder: str | os.PathLike) -> list[tuple[Path, int, float, di
     if not folder.is_dir():
         return out
     for path in folder.glob("*.safetensors"):
+        if path.name.startswith("."):  # a file being written (or left by a writer that was killed)
+            continue
         try:
             st = path.stat()
             meta = read_header(path)
@@ -142,7 +155,36 @@ class DiskCache:
         evict_folder(self.folder, self.max_bytes)
 
 
+def _writer_gone(tmp: Path) -> bool:
+    """Whether the process that was writing `tmp` (".tmp-<pid>-....safetensors") has ended."""
+    pid = tmp.name.split("-")[1]
+    if not pid.isdigit():  # an older name without the pid: stale after a day
+        try:
+            return time.time() - tmp.stat().st_mtime > 86400
+        except OSError:
+            return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (OSError, OverflowError):
+        pass
+    return False
+
+
+def remove_debris(folder) -> list[Path]:
+    """Removes the partial files of writers that were killed mid-write (never a live writer's)."""
+    folder = Path(folder)
+    gone = []
+    for tmp in folder.glob(".tmp-*.safetensors") if folder.is_dir() else []:
+        if _writer_gone(tmp):
+            tmp.unlink(missing_ok=True)
+            gone.append(tmp)
+    return gone
+
+
 def evict_folder(folder, max_bytes: int) -> list[Path]:
+    remove_debris(folder)
     entries = folder_entries(folder)
     total = sum(size for _, size, _, _ in entries)
     removed = []

@@ -138,7 +138,8 @@ def save_prompt_cache(path: str | os.PathLike, states: list, kind: str = FLOAT, 
         meta["mlxllama_tokens"] = json.dumps([int(t) for t in tokens], separators=(",", ":"))
     flat_meta = dict(tree_flatten([meta, classes, scalars]))
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    # named after this process, so that what a killed writer leaves is known stale (engine.disk removes it)
+    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{os.getpid()}-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
         mx.save_safetensors(tmp, arrays, flat_meta)

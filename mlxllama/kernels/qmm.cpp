@@ -17,6 +17,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -230,56 +231,65 @@ void rows_generic(const Args& a, int m0, int n0, int n1) {
 }
 
 #ifdef MLXLLAMA_X86
-template <int BITS, int MB>
-__attribute__((target("avx512f"))) void rows_avx512(const Args& a, int m0, int n0, int n1) {
-  constexpr int P = 8 / BITS;
-  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
-  const int chunks = a.group_size / (16 * P);
-  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
-  const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
-  const size_t K = a.K;
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * row_bytes;
-    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
-    __m512 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm512_setzero_ps();
-    for (int g = 0; g < a.G; ++g) {
-      __m512 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = _mm512_setzero_ps();
-      for (int c = 0; c < chunks; ++c) {
-        const int chunk = g * chunks + c;
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + chunk * 16)));
-        const float* xb = xp + chunk * 16 * P;
-        for (int i = 0; i < P; ++i) {
-          __m512i qi = v;
-          if constexpr (BITS != 8) qi = _mm512_and_si512(_mm512_srli_epi32(v, i * BITS), mask);
-          const __m512 q = _mm512_cvtepi32_ps(qi);
-          for (int m = 0; m < MB; ++m) {
-            acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + m * K + i * 16), q, acc[m]);
-          }
-        }
-      }
-      const __m512 s = _mm512_set1_ps(sr[g]);
-      for (int m = 0; m < MB; ++m) tot[m] = _mm512_fmadd_ps(acc[m], s, tot[m]);
-    }
-    for (int m = 0; m < MB; ++m) {
-      a.out[static_cast<size_t>(m0 + m) * a.N + n] = _mm512_reduce_add_ps(tot[m]) + bias_term(a, n, m0 + m);
-    }
+// The x86 loops are written once, over a vector type V: Avx512 (16 float lanes) or Avx2 (8 lanes,
+// so each 16-byte run of weights is read in two halves). V's operations carry their instruction
+// set; a loop template is always inlined into a function compiled for that instruction set
+// (rows_avx512, rows_avx2, ...), where V's operations are inlined in turn. (GCC does not inline a
+// target-specific function into one without the target, so the templates themselves carry none;
+// and their __m512 / __m256 values never cross a call: -Wpsabi's ABI note does not apply.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+#define MLXLLAMA_AVX512 __attribute__((target("avx512f")))
+#define MLXLLAMA_AVX2 __attribute__((target("avx2,fma")))
+
+struct Avx512 {
+  static constexpr int W = 16;
+  using F = __m512;
+  using I = __m512i;
+  MLXLLAMA_AVX512 static F zero() { return _mm512_setzero_ps(); }
+  MLXLLAMA_AVX512 static F set1(float v) { return _mm512_set1_ps(v); }
+  MLXLLAMA_AVX512 static I set1i(int v) { return _mm512_set1_epi32(v); }
+  MLXLLAMA_AVX512 static F load(const float* p) { return _mm512_loadu_ps(p); }
+  MLXLLAMA_AVX512 static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
+  MLXLLAMA_AVX512 static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  // W bytes, each widened to an int32 lane
+  MLXLLAMA_AVX512 static I bytes(const uint8_t* p) {
+    return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-}
+  MLXLLAMA_AVX512 static I shift_mask(I v, int shift, I mask) { return _mm512_and_si512(_mm512_srli_epi32(v, shift), mask); }
+  MLXLLAMA_AVX512 static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
+  MLXLLAMA_AVX512 static float sum(F v) { return _mm512_reduce_add_ps(v); }
+};
 
-__attribute__((target("avx2,fma"))) inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+struct Avx2 {
+  static constexpr int W = 8;
+  using F = __m256;
+  using I = __m256i;
+  MLXLLAMA_AVX2 static F zero() { return _mm256_setzero_ps(); }
+  MLXLLAMA_AVX2 static F set1(float v) { return _mm256_set1_ps(v); }
+  MLXLLAMA_AVX2 static I set1i(int v) { return _mm256_set1_epi32(v); }
+  MLXLLAMA_AVX2 static F load(const float* p) { return _mm256_loadu_ps(p); }
+  MLXLLAMA_AVX2 static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  MLXLLAMA_AVX2 static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  MLXLLAMA_AVX2 static I bytes(const uint8_t* p) {
+    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  }
+  MLXLLAMA_AVX2 static I shift_mask(I v, int shift, I mask) { return _mm256_and_si256(_mm256_srli_epi32(v, shift), mask); }
+  MLXLLAMA_AVX2 static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  MLXLLAMA_AVX2 static float sum(F v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
 
-template <int BITS, int MB>
-__attribute__((target("avx2,fma"))) void rows_avx2(const Args& a, int m0, int n0, int n1) {
-  constexpr int P = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+template <class V, int BITS, int MB>
+[[gnu::always_inline]] inline void rows_simd(const Args& a, int m0, int n0, int n1) {
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr int P = 8 / BITS, HALVES = 16 / V::W; // vectors per 16-byte run of weights
+  const I mask = V::set1i((1 << BITS) - 1);
   const int chunks = a.group_size / (16 * P);
   const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
   const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
@@ -287,46 +297,65 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const Args& a, int m0, int n0
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = a.w + n * row_bytes;
     const float* sr = a.scales + static_cast<size_t>(n) * a.G;
-    __m256 tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = _mm256_setzero_ps();
+    F tot[MB];
+    for (int m = 0; m < MB; ++m) tot[m] = V::zero();
     for (int g = 0; g < a.G; ++g) {
-      __m256 acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = _mm256_setzero_ps();
+      F acc[MB];
+      for (int m = 0; m < MB; ++m) acc[m] = V::zero();
       for (int c = 0; c < chunks; ++c) {
         const int chunk = g * chunks + c;
         const float* xb = xp + chunk * 16 * P;
-        for (int h = 0; h < 2; ++h) {
-          const __m256i v = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + chunk * 16 + h * 8)));
+        for (int h = 0; h < HALVES; ++h) {
+          const I v = V::bytes(wr + chunk * 16 + h * V::W);
           for (int i = 0; i < P; ++i) {
-            __m256i qi = v;
-            if constexpr (BITS != 8) qi = _mm256_and_si256(_mm256_srli_epi32(v, i * BITS), mask);
-            const __m256 q = _mm256_cvtepi32_ps(qi);
+            I qi = v;
+            if constexpr (BITS != 8) qi = V::shift_mask(v, i * BITS, mask);
+            const F q = V::to_float(qi);
             for (int m = 0; m < MB; ++m) {
-              acc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + m * K + i * 16 + h * 8), q, acc[m]);
+              acc[m] = V::fmadd(V::load(xb + m * K + i * 16 + h * V::W), q, acc[m]);
             }
           }
         }
       }
-      const __m256 s = _mm256_set1_ps(sr[g]);
-      for (int m = 0; m < MB; ++m) tot[m] = _mm256_fmadd_ps(acc[m], s, tot[m]);
+      const F s = V::set1(sr[g]);
+      for (int m = 0; m < MB; ++m) tot[m] = V::fmadd(acc[m], s, tot[m]);
     }
     for (int m = 0; m < MB; ++m) {
-      a.out[static_cast<size_t>(m0 + m) * a.N + n] = hsum256(tot[m]) + bias_term(a, n, m0 + m);
+      a.out[static_cast<size_t>(m0 + m) * a.N + n] = V::sum(tot[m]) + bias_term(a, n, m0 + m);
     }
   }
 }
+
+template <int BITS, int MB>
+MLXLLAMA_AVX512 void rows_avx512(const Args& a, int m0, int n0, int n1) {
+  rows_simd<Avx512, BITS, MB>(a, m0, n0, n1);
+}
+
+template <int BITS, int MB>
+MLXLLAMA_AVX2 void rows_avx2(const Args& a, int m0, int n0, int n1) {
+  rows_simd<Avx2, BITS, MB>(a, m0, n0, n1);
+}
+#pragma GCC diagnostic pop
 #endif
 
 enum class Isa { generic, avx2, avx512 };
 
+// The best the CPU has, capped by MLXLLAMA_KERNEL_ISA (generic, avx2 or avx512; for tests and
+// comparisons, never above what the CPU supports).
 Isa detect_isa() {
+  Isa best = Isa::generic;
 #ifdef MLXLLAMA_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return Isa::avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
+  if (__builtin_cpu_supports("avx512f")) {
+    best = Isa::avx512;
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    best = Isa::avx2;
+  }
 #endif
-  return Isa::generic;
+  const char* cap = std::getenv("MLXLLAMA_KERNEL_ISA");
+  if (cap != nullptr && std::strcmp(cap, "generic") == 0) return Isa::generic;
+  if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::avx512) return Isa::avx2;
+  return best;
 }
 
 const Isa kIsa = detect_isa();
@@ -441,26 +470,31 @@ void dequant_generic(const Args& a, int n0, int n1, float* dst) {
 }
 
 #ifdef MLXLLAMA_X86
-template <int BITS>
-__attribute__((target("avx512f"))) void dequant_avx512(const Args& a, int n0, int n1, float* dst) {
-  constexpr int P = 8 / BITS;
-  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
+template <class V, int BITS>
+[[gnu::always_inline]] inline void dequant_simd(const Args& a, int n0, int n1, float* dst) {
+  using F = typename V::F;
+  using I = typename V::I;
+  constexpr int P = 8 / BITS, HALVES = 16 / V::W;
+  const I mask = V::set1i((1 << BITS) - 1);
   const int chunks = a.group_size / (16 * P);
   const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = a.w + n * row_bytes;
     float* d = dst + static_cast<size_t>(n - n0) * a.K;
     for (int g = 0; g < a.G; ++g) {
-      const __m512 s = _mm512_set1_ps(a.scales[static_cast<size_t>(n) * a.G + g]);
-      const __m512 b = _mm512_set1_ps(a.biases[static_cast<size_t>(n) * a.G + g]);
+      const F s = V::set1(a.scales[static_cast<size_t>(n) * a.G + g]);
+      const F b = V::set1(a.biases[static_cast<size_t>(n) * a.G + g]);
       for (int c = 0; c < chunks; ++c) {
         const int chunk = g * chunks + c;
-        const __m512i v =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + chunk * 16)));
-        for (int i = 0; i < P; ++i) {
-          __m512i qi = v;
-          if constexpr (BITS != 8) qi = _mm512_and_si512(_mm512_srli_epi32(v, i * BITS), mask);
-          _mm512_storeu_ps(d + chunk * 16 * P + i * 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(qi), s, b));
+        for (int h = 0; h < HALVES; ++h) {
+          const I v = V::bytes(wr + chunk * 16 + h * V::W);
+          for (int i = 0; i < P; ++i) {
+            I qi = v;
+            if constexpr (BITS != 8) qi = V::shift_mask(v, i * BITS, mask);
+            V::store(d + chunk * 16 * P + i * 16 + h * V::W, V::fmadd(V::to_float(qi), s, b));
+          }
         }
       }
     }
@@ -468,32 +502,15 @@ __attribute__((target("avx512f"))) void dequant_avx512(const Args& a, int n0, in
 }
 
 template <int BITS>
-__attribute__((target("avx2,fma"))) void dequant_avx2(const Args& a, int n0, int n1, float* dst) {
-  constexpr int P = 8 / BITS;
-  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
-  const int chunks = a.group_size / (16 * P);
-  const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * row_bytes;
-    float* d = dst + static_cast<size_t>(n - n0) * a.K;
-    for (int g = 0; g < a.G; ++g) {
-      const __m256 s = _mm256_set1_ps(a.scales[static_cast<size_t>(n) * a.G + g]);
-      const __m256 b = _mm256_set1_ps(a.biases[static_cast<size_t>(n) * a.G + g]);
-      for (int c = 0; c < chunks; ++c) {
-        const int chunk = g * chunks + c;
-        for (int h = 0; h < 2; ++h) {
-          const __m256i v = _mm256_cvtepu8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + chunk * 16 + h * 8)));
-          for (int i = 0; i < P; ++i) {
-            __m256i qi = v;
-            if constexpr (BITS != 8) qi = _mm256_and_si256(_mm256_srli_epi32(v, i * BITS), mask);
-            _mm256_storeu_ps(d + chunk * 16 * P + i * 16 + h * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(qi), s, b));
-          }
-        }
-      }
-    }
-  }
+MLXLLAMA_AVX512 void dequant_avx512(const Args& a, int n0, int n1, float* dst) {
+  dequant_simd<Avx512, BITS>(a, n0, n1, dst);
 }
+
+template <int BITS>
+MLXLLAMA_AVX2 void dequant_avx2(const Args& a, int n0, int n1, float* dst) {
+  dequant_simd<Avx2, BITS>(a, n0, n1, dst);
+}
+#pragma GCC diagnostic pop
 #endif
 
 using DequantFn = void (*)(const Args&, int, int, float*);

@@ -29,6 +29,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
+from ..device import wired_limit  # noqa: F401  (Metal: the working set wired for the run)
 from ..errors import TrainingError
 from .adapters import (
     ADAPTER_FILE, CONFIG_FILE, adapter_config, adapter_weights, read_adapter_config, save_adapters,
@@ -164,20 +165,6 @@ def gradient_checkpointing(layers, enabled: bool):
     finally:
         for layer, cls in swapped:
             layer.__class__ = cls
-
-
-@contextlib.contextmanager
-def wired_limit():
-    """On Metal, wire the recommended working set for the run (as mlx-lm does); elsewhere nothing."""
-    if not mx.metal.is_available():
-        yield
-        return
-    limit = mx.metal.device_info()["max_recommended_working_set_size"]
-    previous = mx.set_wired_limit(limit)
-    try:
-        yield
-    finally:
-        mx.set_wired_limit(previous)
 
 
 class StopFlag:

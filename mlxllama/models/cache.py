@@ -191,7 +191,7 @@ def quantize_kv(x: mx.array, group_size: int, bits: int) -> tuple[mx.array, mx.a
 
 class QuantizedKVCache:
     """Keys and values stored as MLX affine quantization (mx.quantize along the head dimension);
-    attention reads them with mx.quantized_matmul (models.llama.quantized_attention). About
+    attention reads them with mx.quantized_matmul (models.base.quantized_attention). About
     bits/8 + 2 * itemsize / group_size bytes per value (scales and biases in the compute dtype):
     of a float32 cache 0.16x at 4 bits and 0.28x at 8 (group 64); of a float16 one 0.28x and 0.53x.
     The state is mlx-lm's: (keys, values) as (packed, scales, biases) triples."""

@@ -25,7 +25,9 @@ _QUESTION_MARK = "\x00QUESTION\x00"
 _NO_ANSWER_PATTERNS = re.compile(
     r"(answer is not (in|found in|provided in|given in|mentioned in) the (context|text)"
     r"|(context|text) does not (contain|mention|provide|say|specify|state|include)"
-    r"|not (mentioned|provided|stated|specified|given|found) in the (context|text)"
+    r"|not (explicitly |directly |clearly )?(mentioned|provided|stated|specified|given|found) in the (context|text)"
+    r"|^(this|the) question is not (answered )?in the (context|text)"
+    r"|^this is a question that is not answered"
     r"|答案不在上下文中)",
     re.IGNORECASE,
 )

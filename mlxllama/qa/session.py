@@ -31,6 +31,7 @@ from ..errors import InputError
 from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
 from ..models.cache import maybe_quantize
+from .concise import concise_answer, grounded
 from .context import ContextLike, as_documents
 from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
@@ -64,6 +65,7 @@ class Answer:
     coverage: float | None = None  # share of the question's terms found in the passages
     confidence: float | None = None  # margin + weight * coverage; below the threshold: no answer
     citations: list[dict] = field(default_factory=list)  # [{n, source, start, end, heading}]: chunk [n] supports the answer
+    sentence: str | None = None  # the model's own words, when `answer` is the short answer found in them
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -78,7 +80,7 @@ class QASession:
     def __init__(self, model, tokenizer, context: ContextLike, *, extractive: bool = False,
                  max_context: int | None = DEFAULT_MAX_CONTEXT, whole: bool = False, max_tokens: int = 64,
                  top_chunks: int = 4, chunk_tokens: int = 300, rerank: int = 6,
-                 no_answer_threshold: float | str | None = "auto",
+                 no_answer_threshold: float | str | None = "auto", concise: bool = True,
                  progress: Callable[[int, int], None] | None = None, prefix_cache=None, **gen_kwargs):
         if max_context is not None and max_context < MIN_CHUNK_TOKENS:
             raise InputError(f"max_context must be at least {MIN_CHUNK_TOKENS} tokens, got {max_context}")
@@ -89,6 +91,7 @@ class QASession:
         self.extractive, self.max_context, self.max_tokens = extractive, None if whole else max_context, max_tokens
         self.top_chunks, self.chunk_tokens = max(1, top_chunks), max(MIN_CHUNK_TOKENS, chunk_tokens)
         self.rerank, self.progress = max(0, rerank), progress
+        self.concise = concise  # a generated sentence that restates the question -> its short answer
         mode = "extractive" if extractive else "generative"
         self.coverage_weight = COVERAGE_WEIGHT[mode]
         if no_answer_threshold == "auto":
@@ -105,6 +108,8 @@ class QASession:
         self.reused_tokens = 0  # document tokens of the last question that came from the prefix cache
         # answers copy the documents: drafting from them is the same output, sooner
         gen_kwargs.setdefault("prompt_lookup", DEFAULT_PROMPT_LOOKUP)
+        # an answer ends at its first blank line: past it a small model goes on inventing
+        gen_kwargs.setdefault("stop", ["\n\n"])
         self.gen_kwargs = gen_kwargs
         self.window = context_length(model)
         before, after = prompt_parts(tokenizer, [Chunk("", 0, 0, "")])
@@ -320,7 +325,9 @@ class QASession:
                 shown = len(visible)
         answer = text.strip().rstrip("\ufffd").strip()
         score = math.exp(logprob / n) if n else 0.0
-        if answer and echoes(answer, question):  # a question is no answer: the best span instead
+        passages = [c.text for c in chunks]
+        if answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages)):
+            # a question is no answer, nor text the documents do not hold: the best span instead
             self._rewind()
             result = self._extract(question, chunks, last, step0, na_lp, phrase, None)
             result.extractive, result.margin = False, margin
@@ -329,8 +336,9 @@ class QASession:
             return result
         if not answer or is_no_answer(answer):
             return self._no_answer(question, margin, n)
-        return Answer(question, answer, False, self._evidence(answer, chunks), score,
-                      generation_tokens=n, margin=margin)
+        short = concise_answer(answer, question, passages) if self.concise else None
+        return Answer(question, short or answer, False, self._evidence(short or answer, chunks), score,
+                      generation_tokens=n, margin=margin, sentence=answer if short else None)
 
     def _extract(self, question, chunks, last, step0, na_lp, phrase, on_text) -> Answer:
         """The margin decides first; then the best span, by constrained decoding (it may not begin

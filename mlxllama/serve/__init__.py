@@ -36,9 +36,9 @@ def model_id_for(model: str | os.PathLike | None, model_dir: str) -> str:
 
 
 def mx_metal_available() -> bool:
-    import mlx.core as mx
+    from .. import device
 
-    return mx.metal.is_available()
+    return device.working_set_bytes() is not None
 
 
 def is_loopback(host: str) -> bool:
@@ -103,10 +103,9 @@ def serve(model: str | os.PathLike | None = None, *, adapter_path: str | None = 
         for sock in sockets:
             sock.close()
         raise
-    if mx_metal_available():  # as mlx-lm: keep the model's memory wired so it is not paged out
-        import mlx.core as mx
+    from .. import device
 
-        mx.set_wired_limit(mx.metal.device_info()["max_recommended_working_set_size"])
+    device.wire_memory()  # Metal: keep the model's memory wired so it is not paged out
     model_id = model_id_for(model, llm.model_dir)
     loopback = is_loopback(host)
     app = create_app(llm, tokenizer, model_id, api_key=api_key, max_batch=max_batch, max_queue=max_queue,

@@ -31,6 +31,7 @@ from starlette.routing import Route
 from . import anthropic, ollama
 from .engine import Delta, Done, Engine
 from .formats import Formatter
+from .limits import HeaderLimit, lone_surrogate
 from .metrics import CountRequests, Metrics
 from .prompts import choices, gen_request
 from .qa_route import QARoute
@@ -43,7 +44,7 @@ log = logging.getLogger("mlxllama.serve")
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
 STATUS_TYPES = {401: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-                413: "invalid_request_error", 429: "requests", 500: "server_error", 503: "server_error"}
+                413: "invalid_request_error", 431: "invalid_request_error", 429: "requests", 500: "server_error", 503: "server_error"}
 
 
 @dataclass
@@ -110,9 +111,13 @@ class Handlers:
         except ClientDisconnect:
             raise APIError(400, "the client went away while sending the body", code="incomplete_body") from None
         try:
-            return json.loads(bytes(body))
+            value = json.loads(bytes(body))
         except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+        if lone_surrogate(body, value):
+            raise APIError(400, "the request body is not valid Unicode: it escapes a lone UTF-16 surrogate "
+                           "(\\ud800-\\udfff)", code="invalid_json")
+        return value
 
     # -- routes ----------------------------------------------------------------------------------
 
@@ -296,6 +301,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
     if allowed_origins:  # outermost: preflights are answered before any other check
         middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["*"],
                                      allow_headers=["*"], expose_headers=["Retry-After"]))
+    middleware.append(Middleware(HeaderLimit, error_response=error_response, api_error=APIError))
     middleware.append(Middleware(CountRequests, metrics=metrics, routes=routes))
     if allowed_hosts:
         middleware.append(Middleware(HostCheck, allowed=allowed_hosts))

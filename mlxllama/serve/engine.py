@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, AsyncIterator
 import mlx.core as mx
 import numpy as np
 
+from .. import device
 from ..engine import BatchEngine, PrefixCache
 from ..sample import make_logits_processors, make_sampler
 
@@ -118,12 +118,8 @@ def kv_bytes_per_token(model, kv_bits: int | None = None, kv_group_size: int = 6
 
 def default_max_kv_bytes() -> int:
     """Half the machine's memory (Metal: of the recommended working set)."""
-    if mx.metal.is_available():
-        return int(mx.metal.device_info()["max_recommended_working_set_size"]) // 2
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+    total = device.working_set_bytes() or device.memory_bytes()
+    return total // 2 if total is not None else 8 << 30
 
 
 class Job:
@@ -197,7 +193,7 @@ class Engine:
         self.max_kv_bytes = max_kv_bytes
         self.bytes_per_token = kv_bytes_per_token(model, kv_bits, kv_group_size)
         # Overlap: queue step n+1 before handing out the tokens of step n (see engine.core).
-        self.overlap = mx.default_device() != mx.cpu
+        self.overlap = device.overlap_steps()
         self._cond = threading.Condition()
         self._incoming: collections.deque[Job] = collections.deque()
         self._in_system = 0  # requests admitted and not yet finished or cancelled

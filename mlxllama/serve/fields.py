@@ -65,7 +65,7 @@ REFUSED: dict[str, tuple[Any, ...]] = {
     "web_search_options": (),
 }
 
-# llama.cpp's structured-output fields; refused while no grammar engine is installed.
+# llama.cpp's structured-output fields: enforced with the grammar engine, like response_format.
 GRAMMAR_FIELDS = ("json_schema", "grammar")
 
 

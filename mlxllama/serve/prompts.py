@@ -7,7 +7,7 @@ import dataclasses
 from ..errors import GrammarError, MlxllamaError
 from ..generate import context_length
 from .engine import GenRequest
-from .schemas import APIError, Parsed, bad
+from .schemas import APIError, Parsed, bad, format_field
 
 
 def chat_tokens(parsed: Parsed, tokenizer) -> list[int]:
@@ -35,7 +35,7 @@ def output_constraint(parsed: Parsed, tokenizer):
             return Constraint(lark(grammar), tokenizer)
         return constraint_for(tokenizer, parsed.response_format)
     except GrammarError as e:
-        raise bad("tools" if parsed.tools and parsed.tool_choice != "none" else "response_format", str(e)) from None
+        raise bad("tools" if parsed.tools and parsed.tool_choice != "none" else format_field(parsed), str(e)) from None
 
 
 def prompt_tokens(parsed: Parsed, tokenizer, vocab_size: int) -> list[int]:

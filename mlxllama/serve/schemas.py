@@ -191,9 +191,6 @@ def _unsupported(body: dict) -> None:
     """Fields this server does not implement, when set to anything but their neutral value."""
     if _int(body, "best_of", 1, None) not in (None, 1):
         raise bad("best_of", "only best_of=1 is supported")
-    for name in GRAMMAR_FIELDS:
-        if body.get(name) is not None:
-            raise bad(name, f"'{name}' (constrained decoding) is not supported by this server", "unsupported_parameter")
     name = refused_field(body)
     if name is not None:
         raise bad(name, f"'{name}' is not supported by this server; leave it out or at its neutral value",
@@ -281,8 +278,32 @@ def _common(body: Any, served: "str | ModelNames", kind: str) -> Parsed:
     )
 
 
+def _grammar_field(body: dict) -> dict[str, Any] | None:
+    """llama.cpp's `json_schema` (a JSON schema) or `grammar` (GBNF text), as a response format."""
+    given = [name for name in GRAMMAR_FIELDS if body.get(name) is not None]
+    if not given:
+        return None
+    if len(given) > 1:
+        raise bad(given[1], "either 'json_schema' or 'grammar' can be given, not both")
+    if body.get("response_format") is not None:
+        raise bad(given[0], f"either 'response_format' or '{given[0]}' can be given, not both")
+    v = body[given[0]]
+    if given[0] == "json_schema":
+        if not isinstance(v, (dict, bool)):
+            raise bad("json_schema", "'json_schema' must be a JSON schema object", "invalid_type")
+        return {"type": "json_schema", "json_schema": {"name": None, "schema": v, "strict": True},
+                "field": "json_schema"}
+    if not isinstance(v, str) or not v.strip():
+        raise bad("grammar", "'grammar' must be a non-empty GBNF grammar", "invalid_type")
+    return {"type": "gbnf", "grammar": v, "field": "grammar"}
+
+
 def _response_format(body: dict) -> dict[str, Any] | None:
-    """`response_format`: text (None), json_object, or json_schema {name, schema, strict}."""
+    """`response_format`: text (None), json_object, or json_schema {name, schema, strict}; or
+    llama.cpp's `json_schema` / `grammar` fields."""
+    grammar = _grammar_field(body)
+    if grammar is not None:
+        return grammar
     v = body.get("response_format")
     if v is None:
         return None
@@ -340,8 +361,14 @@ def _tools(body: dict, parsed: Parsed) -> None:
         raise bad("parallel_tool_calls", "'parallel_tool_calls' must be a boolean", "invalid_type")
     parsed.parallel_tool_calls = True if ptc is None else ptc
     if parsed.response_format is not None and parsed.tools and choice != "none":
-        raise bad("response_format", "'response_format' cannot be combined with 'tools' unless 'tool_choice' is none",
+        name = format_field(parsed)
+        raise bad(name, f"'{name}' cannot be combined with 'tools' unless 'tool_choice' is none",
                   "unsupported_parameter")
+
+
+def format_field(parsed: Parsed) -> str:
+    """The request field that asked for the response format (llama.cpp's json_schema/grammar or OpenAI's)."""
+    return (parsed.response_format or {}).get("field", "response_format")
 
 
 # ---------------------------------------------------------------------------------------------
