@@ -44,7 +44,8 @@ def _ints(text: str) -> list[int]:
                    "llama.cpp runs through xllamacpp, or llama-cpp-python where its build decodes).")
 @click.option("--no-llama-cpp", is_flag=True, help="Leave out llama.cpp even when it is installed.")
 @click.option("--llama-cpp-threads", type=click.IntRange(min=1), default=None,
-              help="llama.cpp's threads (default: one per CPU).")
+              help="llama.cpp's threads (default: one per CPU; on a busy machine 1 can be much faster, as "
+                   "llama.cpp's thread pool spins while it waits for its cores).")
 @click.option("--compiled/--no-compiled", default=None,
               help="Also measure our compiled decode step (default: on GPU only).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
