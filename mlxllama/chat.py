@@ -10,6 +10,7 @@ from typing import Iterator
 
 from .errors import InputError
 from .generate import check_kv, stream_generate
+from .generation_options import check_options, keywords
 from .models import make_cache
 
 SESSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -36,6 +37,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, system_prompt: str | None = None, *, prefix_cache=None,
                  session: str | Path | None = None, **gen_kwargs):
         self.model, self.tokenizer, self.system_prompt = model, tokenizer, system_prompt
+        check_options(gen_kwargs, keywords(stream_generate))
         check_kv(model, gen_kwargs.get("kv_bits"), gen_kwargs.get("kv_group_size", 64), gen_kwargs.get("max_kv_size"))
         self.gen_kwargs = gen_kwargs
         self.prefix_cache = prefix_cache if gen_kwargs.get("max_kv_size") is None else None  # rotating: not cached

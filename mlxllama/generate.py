@@ -13,6 +13,7 @@ from . import device
 from .engine.batch import padding_mask  # noqa: F401  (re-exported: part of the public module)
 from .engine.text import StopMatcher, TextStream  # noqa: F401
 from .errors import InputError
+from .generation_options import checked
 from .memory import peak_memory_gb
 from .prefill import prefill  # noqa: F401  (re-exported: part of the public module)
 from .models import Model, make_cache
@@ -171,6 +172,7 @@ def token_iterator(prompt: mx.array, model, *, draft_model=None, prompt_lookup: 
         yield token, logprobs, False
 
 
+@checked
 def stream_generate(
     model,
     tokenizer,
@@ -209,8 +211,6 @@ def stream_generate(
     response_format: constrains the output (mlxllama.constrain): a JSON schema dict, a Pydantic
     model class, {"type": "json_object"}, {"type": "regex", "regex": ...}, a Grammar or Constraint.
     kv_bits (4 or 8): a quantized KV cache from quantized_kv_start positions on."""
-    if max_tokens < 0:
-        raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
     check_kv(model, kv_bits, kv_group_size, max_kv_size)
     constraint = format_processor(tokenizer, response_format, bool(draft_model is not None or prompt_lookup))
     tokens = encode_prompt(tokenizer, prompt)
@@ -270,6 +270,7 @@ def format_processor(tokenizer, response_format: Any, speculative: bool = False)
     return constraint.processor()
 
 
+@checked(also=stream_generate)
 def generate(model, tokenizer, prompt, verbose: bool = False, **kwargs) -> str:
     """Returns the generated text; with verbose=True it streams to stdout and prints speeds."""
     text, last = "", None
@@ -295,6 +296,7 @@ def print_stats(r: GenerationResponse, file=None) -> None:
 # Batched generation: several prompts on the batched engine (mlxllama.engine).
 
 
+@checked
 def batch_generate(
     model,
     tokenizer,
@@ -332,8 +334,6 @@ def batch_generate(
     for toks in encoded:
         check_prompt(model, len(toks), None, None)
     check_kv(model, kv_bits, kv_group_size)
-    if max_tokens < 0:
-        raise InputError(f"max_tokens must be >= 0, got {max_tokens}")
     if not encoded:
         return []
     row_constraints = [format_processor(tokenizer, f) for f in formats]

@@ -11,7 +11,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .errors import InputError
+from .generation_options import OPTIONS
 
 Sampler = Callable[[mx.array], mx.array]
 Processor = Callable[[mx.array, mx.array], mx.array]
@@ -20,22 +20,11 @@ Processor = Callable[[mx.array, mx.array], mx.array]
 def check_sampling(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                    repetition_penalty: float | None = None, presence_penalty: float = 0.0,
                    frequency_penalty: float = 0.0, repetition_context_size: int = 20) -> None:
-    """Raises InputError naming the first out-of-range value."""
-    if not (temp >= 0 and math.isfinite(temp)):
-        raise InputError(f"temperature must be >= 0, got {temp}")
-    if not 0 < top_p <= 1:
-        raise InputError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0, got {top_k}")
-    if not 0 <= min_p < 1:
-        raise InputError(f"min_p must be in [0, 1), got {min_p}")
-    if repetition_penalty is not None and not (repetition_penalty > 0 and math.isfinite(repetition_penalty)):
-        raise InputError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-    for name, value in (("presence_penalty", presence_penalty), ("frequency_penalty", frequency_penalty)):
-        if not (-2 <= value <= 2):
-            raise InputError(f"{name} must be between -2 and 2, got {value}")
-    if repetition_context_size < 1:
-        raise InputError(f"repetition_context_size must be >= 1, got {repetition_context_size}")
+    """Raises InputError naming the first out-of-range value (ranges: generation_options.OPTIONS)."""
+    for name, value in (("temp", temp), ("top_p", top_p), ("top_k", top_k), ("min_p", min_p),
+                        ("repetition_penalty", repetition_penalty), ("presence_penalty", presence_penalty),
+                        ("frequency_penalty", frequency_penalty), ("repetition_context_size", repetition_context_size)):
+        OPTIONS[name].check(value)
 
 
 def greedy(logprobs: mx.array) -> mx.array:
@@ -95,7 +84,7 @@ def make_repetition_penalty(penalty: float, context_size: int = 20) -> Processor
     def process(tokens: mx.array, logits: mx.array) -> mx.array:
         if tokens.size == 0:
             return logits
-        recent = tokens[..., -context_size:]
+        recent = tokens[..., -min(context_size, tokens.shape[-1]):]  # a window past the start is all of it
         recent = recent.reshape(logits.shape[0], -1) if recent.ndim == 2 or logits.shape[0] == 1 else recent
         picked = mx.take_along_axis(logits, recent, axis=-1)
         picked = mx.where(picked < 0, picked * penalty, picked / penalty)

@@ -53,7 +53,7 @@ def test_bench_cli_json(tiny, tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench", "--models", str(tiny), "--systems", "mlxllama", "--prefill", "8",
                                  "--batch", "1", "--decode-tokens", "4", "--decode-prompt", "4", "--trials", "1",
-                                 "--no-ttft", "--lookup", "0", "--no-llama-cpp", "--json", str(out), "-q"])
+                                 "--no-ttft", "--lookup", "0", "--no-llama-cpp", "--json", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     data = json.loads(out.read_text())
     assert data["models"][0]["systems"]["mlxllama"]["decode"]["1"] > 0

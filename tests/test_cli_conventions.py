@@ -113,3 +113,70 @@ def test_mlx_lm_lora_yaml_keys_work_or_are_refused(tmp_path):
         bad.write_text(text)
         with pytest.raises(ConfigError, match=key):
             make_config(bad)
+
+
+def all_commands():
+    """(name, click command) of every command, subcommands of groups included."""
+    import click
+
+    ctx = click.Context(cli)
+    out = []
+
+    def walk(group, prefix):
+        for name in group.list_commands(ctx):
+            command = group.get_command(ctx, name)
+            out.append((f"{prefix}{name}", command))
+            if isinstance(command, click.Group):
+                walk(command, f"{prefix}{name} ")
+
+    walk(cli, "")
+    return out
+
+
+def test_one_short_flag_means_one_thing_in_every_command():
+    """A short flag stands for the same long option wherever it appears (mlx-lm's meaning where
+    mlx-lm has one): -q is --quantize, -c is --config, -m is --max-tokens."""
+    import click
+
+    from mlxllama.cli.flags import DEPRECATED, MEANING
+
+    meanings: dict[str, set[tuple[str, str]]] = {}
+    for name, command in all_commands():
+        for p in command.params:
+            if not isinstance(p, click.Option):
+                continue
+            longs = [o for o in p.opts + p.secondary_opts if o.startswith("--")]
+            meaning = longs[0] if longs else {"m_flag": "--max-tokens"}.get(p.name, p.name)
+            for short in (o for o in p.opts + p.secondary_opts if not o.startswith("--")):
+                meanings.setdefault(short, set()).add((meaning, name))
+    clashes = {s: sorted(uses) for s, uses in meanings.items() if len({m for m, _ in uses}) > 1}
+    assert not clashes, f"short flags with several meanings: {clashes}"
+    for short, long in MEANING.items():
+        assert {m for m, _ in meanings[short]} == {long}
+    for name, renamed in DEPRECATED.items():  # the old spellings are no options of their command any more
+        command = dict(all_commands())[name]
+        opts = {o for p in command.params for o in getattr(p, "opts", []) + getattr(p, "secondary_opts", [])}
+        assert not set(renamed) & opts and set(renamed.values()) <= opts, name
+
+
+def test_old_short_flags_are_rewritten_with_one_warning(capsys):
+    from mlxllama.cli.flags import rewrite
+
+    qa = dict(all_commands())["qa"]
+    args = ["-c", "notes.txt", "-qWhy?", "--adapter-path", "-q", "-m", "m", "--", "-c"]
+    assert rewrite(qa, "qa", args) == ["--context", "notes.txt", "--question=Why?", "--adapter-path", "-q",
+                                       "--model", "m", "--", "-c"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-c, -m, -q in `mlxllama qa` are deprecated" in err and "--question" in err
+    assert rewrite(dict(all_commands())["convert"], "convert", ["-q"]) == ["-q"]  # mlx-lm's meaning stays
+    assert capsys.readouterr().err == ""
+    assert rewrite(qa, "qa", ["-m", "12", "--context", "a"]) == ["--max-tokens", "12", "--context", "a"]
+    assert capsys.readouterr().err == ""  # -m N is --max-tokens, as in mlx-lm
+
+
+def test_old_short_flag_still_works_from_the_command_line(tiny, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "mlxllama", "cache-prompt", "-m", tiny, "-p", "a system prompt",
+                        "-o", str(tmp_path / "c.safetensors")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines()[0].startswith("warning: -m in `mlxllama cache-prompt` is deprecated")
+    assert (tmp_path / "c.safetensors").is_file()

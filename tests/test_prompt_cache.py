@@ -70,7 +70,7 @@ def test_qa_document_cache_hit_equals_cold(tiny, tmp_path):
 def test_qa_across_processes(tiny_dir, tmp_path):
     doc = tmp_path / "doc.md"
     doc.write_text(DOC)
-    args = ["qa", "-m", tiny_dir, "-c", doc, "What is the dog named?", "-v", "--no-answer-threshold", "off", "-n", "6"]
+    args = ["qa", "--model", tiny_dir, "--context", doc, "What is the dog named?", "-v", "--no-answer-threshold", "off", "-n", "6"]
     first, second = cli(*args), cli(*args)
     assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert "from the prompt cache" not in first.stderr and "from the prompt cache" in second.stderr
@@ -226,7 +226,7 @@ def test_chat_session_resumes_and_prefix_cache_is_shared(tiny, tmp_path):
 def test_cli_bad_cache_input(tiny_dir, tmp_path):
     other = write_model(tmp_path / "other", "linear_rope_head_dim", seed=5, max_position_embeddings=4096)
     good = tmp_path / "sys.safetensors"
-    r = cli("cache-prompt", "-m", tiny_dir, "-p", "a system prompt", "-o", good)
+    r = cli("cache-prompt", "--model", tiny_dir, "-p", "a system prompt", "-o", good)
     assert r.returncode == 0 and good.is_file(), r.stderr
     r = cli("generate", "--model", tiny_dir, "--prompt-cache-file", good, "-p", "go on", "-n", "3")
     assert r.returncode == 0, r.stderr
@@ -240,6 +240,6 @@ def test_cli_bad_cache_input(tiny_dir, tmp_path):
         assert one_error_line(r), (args, r.stderr)
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = cli("cache-prompt", "-m", tiny_dir, "-p", "x", "-o", blocker / "out.safetensors")
+    r = cli("cache-prompt", "--model", tiny_dir, "-p", "x", "-o", blocker / "out.safetensors")
     assert one_error_line(r) and not (blocker / "out.safetensors").exists()
     assert not list(tmp_path.glob(".tmp-*"))

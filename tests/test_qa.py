@@ -293,7 +293,7 @@ def test_cli_json_fields(tiny_dir, notes):
 
 
 def test_cli_several_questions_and_stdin(tiny_dir):
-    r = run("qa", "--model", tiny_dir, "--context", "-", "-q", "Where?", "-q", "When?", "--json", "-n", "3",
+    r = run("qa", "--model", tiny_dir, "--context", "-", "--question", "Where?", "--question", "When?", "--json", "-n", "3",
             input=CONTEXT)
     assert r.exit_code == 0, r.output
     records = [json.loads(line) for line in r.output.splitlines()]

@@ -51,6 +51,12 @@ class LazyGroup(click.Group):
         module, attr = COMMANDS[name]
         return getattr(importlib.import_module(f"{__name__}.{module}"), attr)
 
+    def resolve_command(self, ctx, args):
+        from .flags import rewrite
+
+        name, command, rest = super().resolve_command(ctx, args)
+        return name, command, rewrite(command, name, rest) if command is not None else rest
+
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="mlxllama")

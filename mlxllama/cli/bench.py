@@ -52,7 +52,7 @@ def _ints(text: str) -> list[int]:
               help="Where random-weight models are written (default: the mlxllama cache).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, allow_dash=True), default=None,
               help="Also write every figure as JSON to this file ('-': stdout, instead of the table).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress lines on stderr.")
+@click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench_command(models, systems, prefill, batch, decode_tokens, decode_prompt, decode_cap, trials, budget, no_ttft,
                   ttft_timeout, lookup, qa_file, qa_limit, gguf, no_llama_cpp, llama_cpp_threads, compiled, work_dir,
                   json_path, quiet):

@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from ..generation_options import OPTIONS
 from .options import (Distributed, apply_m_flag, kv_kwargs, kv_options, load_draft, mlx_lm_m_option, model_options,
                       parallel_option, prompt_cache_options, sampling_kwargs, sampling_options, session_prefix_cache)
 
@@ -19,7 +20,7 @@ one that begins with /."""
 
 
 @click.command("chat")
-@model_options(short_m=False)
+@model_options
 @click.option("--system-prompt", default=None, help="System message that starts the conversation.")
 @sampling_options
 @kv_options
@@ -114,10 +115,10 @@ def repl(model, adapter_path, dtype, system_prompt, opts, dist, parallel):
 
 
 # options the page sets per conversation (or the server has no equivalent for)
-TERMINAL_ONLY = {"system_prompt": "--system-prompt", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
-                 "repetition_penalty": "--repetition-penalty", "seed": "--seed", "stop": "--stop",
-                 "draft_model": "--draft-model", "prompt_lookup": "--prompt-lookup", "max_kv_size": "--max-kv-size"}
-DEFAULTS = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "prompt_lookup": 0, "stop": ()}
+TERMINAL_ONLY = {"system_prompt": "--system-prompt", "draft_model": "--draft-model",
+                 **{name: OPTIONS[name].flags[0] for name in ("top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                                                              "stop", "prompt_lookup", "max_kv_size")}}
+DEFAULTS = {**{name: OPTIONS[name].default for name in TERMINAL_ONLY if name in OPTIONS}, "stop": ()}
 
 
 def web_chat(model, adapter_path, dtype, port, system_prompt, opts) -> None:

@@ -39,7 +39,7 @@ def parse_template_config(text: str | None) -> dict:
 
 
 @click.command("generate")
-@model_options(short_m=False)
+@model_options
 @click.option("--prompt", "-p", "prompts", multiple=True,
               help="The prompt; '-' reads stdin. Repeat it to generate for several prompts as one batch.")
 @click.option("--system-prompt", default=None, help="System message for the chat template.")
@@ -111,10 +111,7 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
                    for p in prompts]
 
     if len(encoded) > 1:
-        outs = batch_generate(llm, tokenizer, encoded, max_tokens=kwargs["max_tokens"], temp=kwargs["temp"],
-                              top_p=kwargs["top_p"], top_k=kwargs["top_k"], min_p=kwargs["min_p"],
-                              seed=kwargs["seed"], stop=kwargs["stop"], kv_bits=kwargs["kv_bits"],
-                              kv_group_size=kwargs["kv_group_size"], quantized_kv_start=kwargs["quantized_kv_start"],
+        outs = batch_generate(llm, tokenizer, encoded, **batch_kwargs(tokenizer, encoded, kwargs, opts["draft_model"]),
                               response_format=fmt)
         for i, text in enumerate(outs):
             click.echo(f"--- [{i}] ---")
@@ -122,6 +119,27 @@ def generate_command(model, adapter_path, dtype, prompts, system_prompt, ignore_
         return
 
     _stream(llm, tokenizer, encoded[0], load_draft(opts["draft_model"]), {**kwargs, "response_format": fmt}, verbose)
+
+
+def batch_kwargs(tokenizer, prompts: list, kwargs: dict, draft_model) -> dict:
+    """The generation keywords for a batch of prompts: the shared ones as they are, the penalties as
+    one set of logits processors per prompt; speculative decoding and a rotating cache refused."""
+    from ..generate import batch_generate, encode_prompt
+    from ..generation_options import keywords
+    from ..sample import make_logits_processors
+
+    unsupported = [flag for flag, on in (("--draft-model", draft_model), ("--prompt-lookup", kwargs["prompt_lookup"]),
+                                         ("--max-kv-size", kwargs["max_kv_size"] is not None)) if on]
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)} cannot be used with several prompts: pass --prompt once")
+    accepted = keywords(batch_generate)
+    out = {k: v for k, v in kwargs.items() if k in accepted}
+    processors = [make_logits_processors(None, kwargs["repetition_penalty"], kwargs["repetition_context_size"],
+                                         kwargs["presence_penalty"], kwargs["frequency_penalty"],
+                                         prompt_tokens=encode_prompt(tokenizer, p).size) for p in prompts]
+    if any(processors):
+        out["logits_processors"] = processors
+    return out
 
 
 def _stream(llm, tokenizer, prompt, draft, kwargs: dict, verbose: bool) -> None:

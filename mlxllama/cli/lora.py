@@ -38,7 +38,7 @@ def lora_options(f):
 
 
 @click.command("lora")
-@click.option("--model", "-m", default=None, help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct).")
+@click.option("--model", default=None, help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct).")
 @click.option("--data", default=None, help="Folder with train.jsonl and valid.jsonl (test.jsonl for --test).")
 @click.option("--adapter-path", default=None, help="Folder for the adapters, checkpoints and loss log. [adapters]")
 @click.option("--config", "-c", "config_file", type=click.Path(dir_okay=False), default=None,
@@ -54,7 +54,7 @@ def lora_options(f):
               help="Loss only on assistant turns / completions (default), or on every token.")
 @click.option("--dense/--no-dense", default=None,
               help="Run a quantized base as dense float weights (default: on the CPU backend, when it fits).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; report lines only.")
+@click.option("--quiet", is_flag=True, help="No progress bar; report lines only.")
 def lora_command(config_file, quiet, **options):
     """Fine-tune LoRA adapters on a frozen (4-bit or float) model.
 
@@ -72,7 +72,7 @@ def lora_command(config_file, quiet, **options):
 
 
 @click.command("fuse")
-@click.option("--model", "-m", default=None, help="The base model folder (default: SmolLM2-135M-Instruct).")
+@click.option("--model", default=None, help="The base model folder (default: SmolLM2-135M-Instruct).")
 @click.option("--adapter-path", required=True, help="Folder with adapters.safetensors and adapter_config.json.")
 @click.option("--output", "-o", "--save-path", "output", required=True,
               help="The new model folder (--save-path is mlx-lm's spelling).")

@@ -7,17 +7,15 @@ import sys
 import click
 
 
-def model_options(f=None, *, short_m: bool = True):
-    """--model (with -m, except where -m is mlx-lm's --max-tokens), --adapter-path, --dtype, --dense."""
-    if f is None:
-        return lambda g: model_options(g, short_m=short_m)
+def model_options(f):
+    """--model, --adapter-path, --dtype, --dense (-m is mlx-lm's --max-tokens, never the model)."""
     f = click.option("--dense", is_flag=True, expose_value=False, callback=_dense_flag,
                      help="CPU: run quantized layers as float32 copies (about 8x the memory of 4-bit weights; "
                           "default: the native quantized kernel when built).")(f)
     f = click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
                      help="Compute dtype (default: float32 on CPU, the checkpoint's half type on GPU).")(f)
     f = click.option("--adapter-path", type=click.Path(), default=None, help="LoRA adapters to apply.")(f)
-    f = click.option("--model", *(["-m"] if short_m else []), default=None,
+    f = click.option("--model", default=None,
                      help="Model folder or Hugging Face repo id (default: SmolLM2-135M-Instruct, fetched on first use).")(f)
     return f
 
@@ -29,27 +27,46 @@ def _dense_flag(ctx, param, value):
         prefer_dense()
 
 
+def click_type(o, r=None):
+    """The click type of a generation option (mlxllama.generation_options), ranges checked by click."""
+    r = r or o.range
+    if o.type is int and (r.lo is not None or r.hi is not None):
+        return click.IntRange(r.lo, r.hi, min_open=r.lo_open, max_open=r.hi_open)
+    if o.type is float and (r.lo is not None or r.hi is not None):
+        return click.FloatRange(r.lo, r.hi, min_open=r.lo_open, max_open=r.hi_open)
+    return o.type
+
+
+def request_type(name: str):
+    """The click type of a generation option with the range a server request may use (a server default)."""
+    from ..generation_options import OPTIONS
+
+    return click_type(OPTIONS[name], OPTIONS[name].request_range)
+
+
+def generation_option(name: str, *, default=..., help: str | None = None, lo=None):
+    """The click option of one generation option, as described in generation_options.OPTIONS;
+    `default`, `help`, `lo` (a higher minimum) adapt it to one command."""
+    from ..generation_options import OPTIONS, Range
+
+    o = OPTIONS[name]
+    r = Range(lo, o.range.hi, o.range.lo_open, o.range.hi_open) if lo is not None else o.range
+    return click.option(*o.flags, name, type=click_type(o, r), multiple=o.multiple,
+                        default=o.default if default is ... else default, show_default=True,
+                        help=help or o.help)
+
+
+def cli_options() -> list[str]:
+    from ..generation_options import OPTIONS
+
+    return [name for name, o in OPTIONS.items() if o.flags]
+
+
 def sampling_options(f):
-    f = click.option("--max-kv-size", type=click.IntRange(min=8), default=None,
-                     help="Keep at most this many positions in the KV cache (rotating).")(f)
-    f = click.option("--prompt-lookup", type=click.IntRange(min=0), default=0,
-                     help="Speculative decoding drafting N tokens from n-grams of the prompt (0: off).")(f)
+    """Every generation option that has CLI flags, plus --draft-model."""
     f = click.option("--draft-model", default=None, help="A small model for speculative decoding.")(f)
-    f = click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")(f)
-    f = click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")(f)
-    f = click.option("--frequency-penalty", type=click.FloatRange(-2, 2), default=0.0,
-                     help="Subtracted from a token's logit per time it was generated (OpenAI's definition).")(f)
-    f = click.option("--presence-penalty", type=click.FloatRange(-2, 2), default=0.0,
-                     help="Subtracted from the logit of every token generated so far (OpenAI's definition).")(f)
-    f = click.option("--repetition-context-size", type=click.IntRange(min=1), default=20,
-                     help="Tokens the repetition penalty looks back over.")(f)
-    f = click.option("--repetition-penalty", type=float, default=None, help="Penalty > 0 for repeated tokens (1: off).")(f)
-    f = click.option("--min-p", type=click.FloatRange(0, 1, max_open=True), default=0.0, help="Min-p filtering.")(f)
-    f = click.option("--top-k", type=click.IntRange(min=0), default=0, help="Top-k filtering (0: off).")(f)
-    f = click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, help="Nucleus sampling mass.")(f)
-    f = click.option("--temp", "--temperature", "temp", type=click.FloatRange(min=0), default=0.0,
-                     help="Sampling temperature (0: greedy).")(f)
-    f = click.option("--max-tokens", "-n", type=click.IntRange(min=0), default=256, help="Most tokens to generate.")(f)
+    for name in reversed(cli_options()):
+        f = generation_option(name)(f)
     return f
 
 
@@ -74,13 +91,10 @@ def apply_m_flag(model, opts: dict):
 
 
 def sampling_kwargs(o: dict) -> dict:
-    return dict(
-        max_tokens=o["max_tokens"], temp=o["temp"], top_p=o["top_p"], top_k=o["top_k"], min_p=o["min_p"],
-        repetition_penalty=o["repetition_penalty"], repetition_context_size=o["repetition_context_size"],
-        presence_penalty=o["presence_penalty"], frequency_penalty=o["frequency_penalty"], seed=o["seed"],
-        stop=list(o["stop"]) or None,
-        max_kv_size=o["max_kv_size"], prompt_lookup=o["prompt_lookup"],
-    )
+    """The generation keywords of the parsed options (an empty --stop is None)."""
+    kwargs = {name: o[name] for name in cli_options()}
+    kwargs["stop"] = list(kwargs["stop"]) or None
+    return kwargs
 
 
 def load_draft(path):

@@ -8,7 +8,7 @@ import sys
 import click
 
 from ..errors import InputError
-from .options import kv_kwargs, kv_options, model_options, prompt_cache_options, session_prefix_cache
+from .options import generation_option, kv_kwargs, kv_options, model_options, prompt_cache_options, session_prefix_cache
 
 
 
@@ -23,13 +23,12 @@ def threshold(value: str):
 
 
 def qa_options(f):
-    f = click.option("--prompt-lookup", type=click.IntRange(min=0), default=4, show_default=True,
-                     help="Speculative decoding drafting N tokens from n-grams of the documents and question "
-                          "(generative mode; greedy answers are unchanged, only sooner; 0: off).")(f)
-    f = click.option("--seed", type=int, default=None, help="Seed for reproducible sampling.")(f)
-    f = click.option("--temp", "--temperature", "temp", type=click.FloatRange(min=0), default=0.0,
-                     help="Sampling temperature (0: greedy).")(f)
-    f = click.option("--max-tokens", "-n", type=click.IntRange(min=1), default=64, help="Longest answer in tokens.")(f)
+    f = generation_option("prompt_lookup", default=4,
+                          help="Speculative decoding drafting N tokens from n-grams of the documents and question "
+                               "(generative mode; greedy answers are unchanged, only sooner; 0: off).")(f)
+    f = generation_option("seed")(f)
+    f = generation_option("temp")(f)
+    f = generation_option("max_tokens", default=64, lo=1, help="Longest answer in tokens.")(f)
     f = click.option("--no-answer-threshold", default="auto", show_default=True,
                      help="Answer only when the answer's log-likelihood beats the no-answer phrase's by this "
                           "much; 'off' lets the model decide alone (generative answers then stream).")(f)
@@ -122,9 +121,9 @@ def terminal_questions():
 @click.command("qa")
 @model_options
 @click.argument("question", required=False)
-@click.option("--context", "-c", "contexts", multiple=True, required=True,
+@click.option("--context", "contexts", multiple=True, required=True,
               help="A document (text, Markdown, PDF, HTML, DOCX), a folder of them, or '-' for stdin (repeatable).")
-@click.option("--question", "-q", "questions", multiple=True,
+@click.option("--question", "questions", multiple=True,
               help="Another question about the same context (repeatable; each reuses the documents' KV cache).")
 @click.option("--interactive", "-i", is_flag=True, help="Ask questions at a prompt until Ctrl-D.")
 @click.option("--json", "as_json", is_flag=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_cache_options
+from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_cache_options, request_type
 
 
 @click.command("serve")
@@ -31,9 +31,9 @@ from .options import cache_bytes, kv_kwargs, kv_options, model_options, prompt_c
               help="Requests that may wait for a batch slot; beyond that the server answers 429.")
 @click.option("--max-body-bytes", type=click.IntRange(min=1024), default=1 << 20, show_default=True,
               help="Largest request body accepted (413 beyond).")
-@click.option("--max-tokens", type=click.IntRange(min=1), default=512, show_default=True,
+@click.option("--max-tokens", type=request_type("max_tokens"), default=512, show_default=True,
               help="max_tokens for requests that do not set it.")
-@click.option("--temperature", "--temp", "temperature", type=click.FloatRange(0, 2), default=0.0, show_default=True,
+@click.option("--temperature", "--temp", "temperature", type=request_type("temp"), default=0.0, show_default=True,
               help="temperature for requests that do not set one: 0 decodes greedily, as mlx-lm's server does "
                    "(the OpenAI API's own default is 1.0).")
 @click.option("--open", "open_browser", is_flag=True, help="Open the chat page in the default browser.")

@@ -1,7 +1,7 @@
 """The HTTP side: a Starlette app with the routes of every dialect, the API key check and body limits.
 
 OpenAI routes here: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /v1/models/{id} (each also without /v1); GET /health; POST /v1/qa (qa_route.py) and the chat
+GET /v1/models/{id} (each also without /v1); GET /health; GET /openapi.json (openapi.py); POST /v1/qa (qa_route.py) and the chat
 page at / (web.py). The other dialects (responses.py, anthropic.py, ollama.py) and /metrics
 (metrics.py) translate to the same checked request and run through `Handlers.start`. Every error is
 answered in the shape of the dialect of its route (OpenAI's {"error": {"message", "type", "param",
@@ -82,6 +82,7 @@ class Handlers:
     def __init__(self, engine: Engine, model, tokenizer, settings: Settings):
         self.engine, self.model, self.tokenizer, self.settings = engine, model, tokenizer, settings
         self.created = int(time.time())
+        self.openapi_doc: dict[str, Any] | None = None
 
     # -- checks ----------------------------------------------------------------------------------
 
@@ -120,6 +121,19 @@ class Handlers:
         return value
 
     # -- routes ----------------------------------------------------------------------------------
+
+    async def openapi(self, request: Request) -> Response:
+        if self.openapi_doc is None:
+            from importlib.metadata import version
+
+            from .openapi import document
+
+            names = self.settings.names
+            self.openapi_doc = document(request.app.routes, "mlxllama", version("mlxllama"),
+                                        auth=self.settings.api_key is not None,
+                                        names=None if names.accept_any else names.names,
+                                        vocab_size=getattr(self.tokenizer, "vocab_size", None))
+        return JSONResponse(self.openapi_doc)
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok", "model": self.settings.model_id, "load": self.engine.load})
@@ -275,7 +289,7 @@ def create_app(model, tokenizer, model_id: str, *, api_key: str | None = None, m
             qa.close()
             await run_in_threadpool(engine.stop)
 
-    routes = [Route("/health", h.health, methods=["GET"])]
+    routes = [Route("/health", h.health, methods=["GET"]), Route("/openapi.json", h.openapi, methods=["GET"])]
     for prefix in ("/v1", ""):  # llama.cpp answers the OpenAI routes without /v1 too
         routes += [
             Route(f"{prefix}/models", h.models, methods=["GET"]),

@@ -30,6 +30,7 @@ import numpy as np
 
 from .. import device
 from ..engine import BatchEngine, PrefixCache
+from ..generation_options import OPTIONS
 from ..sample import make_logits_processors, make_sampler
 
 log = logging.getLogger("mlxllama.serve")
@@ -40,17 +41,17 @@ class GenRequest:
     prompt: list[int]
     max_tokens: int
     temperature: float = 0.0
-    top_p: float = 1.0
+    top_p: float = OPTIONS["top_p"].default
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and k alternatives
     logit_bias: dict[int, float] | None = None
-    top_k: int = 0
-    min_p: float = 0.0
-    repetition_penalty: float | None = None
-    repetition_context_size: int = 20
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    top_k: int = OPTIONS["top_k"].default
+    min_p: float = OPTIONS["min_p"].default
+    repetition_penalty: float | None = OPTIONS["repetition_penalty"].default
+    repetition_context_size: int = OPTIONS["repetition_context_size"].default
+    presence_penalty: float = OPTIONS["presence_penalty"].default
+    frequency_penalty: float = OPTIONS["frequency_penalty"].default
     constraint: Any = None  # a mlxllama.constrain.Constraint: the output follows its grammar
 
 

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Any
 
 from .engine import Done, TokenLogprob
+
+
+IMPOSSIBLE = -9999.0  # OpenAI's logprob for a token of probability zero (JSON has no -Infinity)
+
+
+def finite(logprob: float) -> float:
+    """A log probability JSON can carry: -inf (a masked token) and NaN become IMPOSSIBLE."""
+    return logprob if math.isfinite(logprob) else IMPOSSIBLE
 
 
 def usage(done: Done | list[Done]) -> dict[str, Any]:
@@ -52,8 +61,8 @@ class Formatter:
             content = []
             for it in items:
                 text, data = self._token(it.token)
-                top = [dict(zip(("token", "bytes"), self._token(t)), logprob=lp) for t, lp in it.top]
-                content.append({"token": text, "logprob": it.logprob, "bytes": data, "top_logprobs": top})
+                top = [dict(zip(("token", "bytes"), self._token(t)), logprob=finite(lp)) for t, lp in it.top]
+                content.append({"token": text, "logprob": finite(it.logprob), "bytes": data, "top_logprobs": top})
             return {"content": content, "refusal": None}
         tokens, offsets = [], []
         for it in items:
@@ -63,8 +72,8 @@ class Formatter:
             self.text_offset[index] = offsets[-1] + len(text)
         return {
             "tokens": tokens,
-            "token_logprobs": [it.logprob for it in items],
-            "top_logprobs": [{self._token(t)[0]: lp for t, lp in it.top} for it in items],
+            "token_logprobs": [finite(it.logprob) for it in items],
+            "top_logprobs": [{self._token(t)[0]: finite(lp) for t, lp in it.top} for it in items],
             "text_offset": offsets,
         }
 

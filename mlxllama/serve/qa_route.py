@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import InputError
+from ..generation_options import OPTIONS as GENERATION
 from .schemas import APIError, bad
 
 MAX_DOCUMENTS = 64
@@ -33,7 +34,8 @@ OPTIONS = {  # field: (type check, description, QASession keyword)
     "max_tokens": (lambda v: _int(v) and v >= 1, "an integer >= 1", "max_tokens"),
     "top_chunks": (lambda v: _int(v) and v >= 1, "an integer >= 1", "top_chunks"),
     "max_context": (lambda v: _int(v) and v >= 32, "an integer >= 32", "max_context"),
-    "temperature": (lambda v: _num(v) and 0 <= v <= 2, "a number from 0 to 2", "temp"),
+    "temperature": (lambda v: _num(v) and v in GENERATION["temp"].request_range,
+                    f"a number {GENERATION['temp'].request_range.text()}", "temp"),
     "seed": (lambda v: _int(v) and abs(v) < 1 << 63, "an integer", "seed"),
 }
 

@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
+from ..generation_options import OPTIONS
 from .fields import GRAMMAR_FIELDS, refused_field
 
 MAX_N = 8  # choices per request (each one a row of the batch)
@@ -46,7 +47,7 @@ class Parsed:
     prompt: str | list[int] | None = None  # completion: text or token ids
     max_tokens: int | None = None  # None: the server's default
     temperature: float | None = None  # None: the server's default
-    top_p: float = 1.0
+    top_p: float = OPTIONS["top_p"].default
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
@@ -54,12 +55,12 @@ class Parsed:
     logprobs: int | None = None  # None: off; k: the chosen token plus k alternatives
     logit_bias: dict[int, float] | None = None
     n: int = 1  # choices, decoded as rows of one batch
-    top_k: int = 0
-    min_p: float = 0.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float | None = None
-    repetition_context_size: int = 20
+    top_k: int = OPTIONS["top_k"].default
+    min_p: float = OPTIONS["min_p"].default
+    presence_penalty: float = OPTIONS["presence_penalty"].default
+    frequency_penalty: float = OPTIONS["frequency_penalty"].default
+    repetition_penalty: float | None = OPTIONS["repetition_penalty"].default
+    repetition_context_size: int = OPTIONS["repetition_context_size"].default
     ignore_eos: bool = False
     model: str | None = None  # the name the request used, echoed in the response
 
@@ -120,15 +121,32 @@ def _int(body: dict, name: str, lo: int | None = None, hi: int | None = None) ->
     return v
 
 
-def _number(body: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False) -> float | None:
+def _number(body: dict, name: str, default: float | None, lo: float, hi: float, lo_open: bool = False,
+            hi_open: bool = False) -> float | None:
     v = body.get(name)
     if v is None:
         return default
     if not _is_number(v):
         raise bad(name, f"'{name}' must be a number", "invalid_type")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo} and <= {hi}, got {v}")
+    if v > hi or v < lo or (lo_open and v == lo) or (hi_open and v == hi):
+        raise bad(name, f"'{name}' must be {'>' if lo_open else '>='} {lo} and {'<' if hi_open else '<='} {hi}, got {v}")
     return float(v)
+
+
+def option_field(body: dict, option: str, default: Any = ...) -> Any:
+    """A sampling field, read under each of its names (generation_options.OPTIONS[option].fields)
+    and checked against its request range; `default` (else the option's) when none is set."""
+    o = OPTIONS[option]
+    r = o.request_range
+    for name in o.fields:
+        if o.type is int:
+            v = _int(body, name, r.lo, r.hi)
+        else:
+            v = _number(body, name, None, -math.inf if r.lo is None else float(r.lo),
+                        math.inf if r.hi is None else float(r.hi), r.lo_open, r.hi_open)
+        if v is not None:
+            return v
+    return o.default if default is ... else default
 
 
 def _bool(body: dict, name: str) -> bool:
@@ -167,8 +185,9 @@ def _logit_bias(body: dict) -> dict[int, float] | None:
             token = int(k)
         except (TypeError, ValueError):
             raise bad("logit_bias", f"'logit_bias' key {k!r} is not a token id") from None
-        if not _is_number(b) or not -100 <= b <= 100:
-            raise bad("logit_bias", f"'logit_bias' values must be numbers between -100 and 100, got {b!r}")
+        if not _is_number(b) or b not in OPTIONS["logit_bias"].request_range:
+            raise bad("logit_bias", "'logit_bias' values must be numbers "
+                      f"{OPTIONS['logit_bias'].request_range.text()}, got {b!r}")
         out[token] = float(b)
     return out
 
@@ -205,26 +224,21 @@ def _unsupported(body: dict) -> None:
 
 def _penalties(body: dict) -> dict[str, Any]:
     """top_k, min_p and the penalties, under OpenAI's, vLLM's and llama.cpp's names."""
-    top_k = _int(body, "top_k", -1, None)  # llama.cpp and vLLM: <= 0 (or -1) is off
-    repetition = _number(body, "repetition_penalty", None, 0.0, 10.0, lo_open=True)
-    if repetition is None:
-        repetition = _number(body, "repeat_penalty", None, 0.0, 10.0, lo_open=True)
-    context = _int(body, "repetition_context_size", 1, None)
+    top_k = option_field(body, "top_k")
+    repetition = option_field(body, "repetition_penalty")
+    context = option_field(body, "repetition_context_size", None)
     if context is None:
         last_n = _int(body, "repeat_last_n", -1, None)  # llama.cpp: 0 turns the penalty off, -1 the whole context
         if last_n == 0:
             repetition = None
         context = (1 << 30) if last_n == -1 else last_n
-    min_p = _number(body, "min_p", 0.0, 0.0, 1.0)
-    if min_p >= 1.0:
-        raise bad("min_p", f"'min_p' must be >= 0 and < 1, got {min_p}")
     return dict(
-        top_k=max(top_k or 0, 0),
-        min_p=min_p,
-        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        top_k=max(top_k, 0),
+        min_p=option_field(body, "min_p"),
+        presence_penalty=option_field(body, "presence_penalty"),
+        frequency_penalty=option_field(body, "frequency_penalty"),
         repetition_penalty=repetition,
-        repetition_context_size=context or 20,
+        repetition_context_size=context or OPTIONS["repetition_context_size"].default,
         ignore_eos=_bool(body, "ignore_eos"),
     )
 
@@ -232,7 +246,7 @@ def _penalties(body: dict) -> dict[str, Any]:
 def _max_tokens(body: dict, *names: str) -> int | None:
     """The first of `names` that is set; llama.cpp's n_predict after them (-1: up to the context)."""
     for name in names:
-        v = _int(body, name, 1)
+        v = _int(body, name, OPTIONS["max_tokens"].request_range.lo)
         if v is not None:
             return v
     n_predict = _int(body, "n_predict", -1)
@@ -259,14 +273,14 @@ def _common(body: Any, served: "str | ModelNames", kind: str) -> Parsed:
     if seed is not None:
         if not _is_int(seed):
             raise bad("seed", "'seed' must be an integer", "invalid_type")
-        if not -(1 << 63) <= seed < (1 << 64):
+        if seed not in OPTIONS["seed"].request_range:
             raise bad("seed", "'seed' must fit in 64 bits")
         seed %= 1 << 64
     return Parsed(
         kind=kind,
         response_format=_response_format(body),
-        temperature=_number(body, "temperature", None, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        temperature=option_field(body, "temp", None),
+        top_p=option_field(body, "top_p"),
         seed=seed,
         stop=_stop(body),
         stream=stream,
@@ -379,7 +393,7 @@ def _message(m: Any, i: int) -> dict[str, Any]:
     if not isinstance(m, dict):
         raise bad(where, f"'{where}' must be an object", "invalid_type")
     role = m.get("role")
-    if role not in ROLES:
+    if not isinstance(role, str) or role not in ROLES:
         raise bad(f"{where}.role", f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}")
     content = m.get("content")
     extra: dict[str, Any] = {}
