@@ -2,18 +2,19 @@
 against `mx.load` reading the same file, the peer), weight error against gguf-py's dequantization, and
 next-token agreement with llama.cpp on the same file.
 
-    pip install llama-cpp-python==0.3.36        # llama.cpp's quantizer and runtime
+    pip install xllamacpp                       # llama.cpp's block quantizer and runtime, prebuilt
     python benchmarks/bench_gguf.py [--types Q4_K_M,Q5_K_M,...] [--work DIR]
 
 The input is the default model (SmolLM2-135M-Instruct): its Q4_1 GGUF dequantized, written as an F16
-GGUF with `export_gguf`, then quantized by llama.cpp to each type. Each conversion runs in a fresh
-process; peak RSS is its VmHWM.
+GGUF with `export_gguf`, then quantized to each type by tests/gguf_quantize.py (llama.cpp's own block
+quantizer with llama-quantize's tensor types: the same bytes as `llama-quantize`). Each conversion
+runs in a fresh process; peak RSS is its VmHWM. llama.cpp's next tokens come from
+mlxllama.bench.llamacpp (xllamacpp, or llama-cpp-python where its build decodes).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import subprocess
@@ -23,8 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_S": 14,
-          "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25, "IQ4_XS": 30}
+TYPES = ("Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "Q2_K", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_NL",
+         "IQ4_XS")
 TEXTS = ["The capital of France is Paris. The capital of Italy is Rome, and the capital of Spain is",
          "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)",
          "Water boils at 100 degrees Celsius at sea level. At higher altitudes, the air pressure is lower, so"]
@@ -57,35 +58,28 @@ def f16_source(work: Path) -> Path:
 
 
 def quantize(f16: Path, name: str, work: Path) -> Path:
-    import llama_cpp
-
     out = work / f"SmolLM2-135M-Instruct-{name}.gguf"
     if not out.is_file():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.nthread = FTYPES[name], 2
-        if llama_cpp.llama_model_quantize(str(f16).encode(), str(out).encode(), ctypes.byref(params)) != 0:
-            raise SystemExit(f"llama.cpp could not quantize to {name}")
+        r = subprocess.run([sys.executable, str(ROOT / "tests" / "gguf_quantize.py"), str(f16), str(out), name],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"could not quantize to {name}: {r.stderr.strip().splitlines()[-1:]}")
     return out
 
 
 def agreement(folder: Path, gguf: Path) -> tuple[int, int]:
-    import llama_cpp
     import mlx.core as mx
     import numpy as np
 
     from mlxllama import load
+    from mlxllama.bench import llamacpp
 
     model, tok = load(str(folder))
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=256, logits_all=True, verbose=False, n_threads=2)
-    agree = total = 0
-    for text in TEXTS:
-        tokens = tok.encode(text)
-        ours = np.array(model(mx.array([tokens])).astype(mx.float32)[0].argmax(-1))
-        llm.reset()
-        llm.eval(tokens)
-        theirs = np.array(llm.scores[: len(tokens)]).argmax(-1)
-        agree, total = agree + int((ours == theirs).sum()), total + len(tokens)
-    return agree, total
+    lists = [tok.encode(text) for text in TEXTS]
+    theirs = llamacpp.next_tokens(gguf, lists)
+    agree = sum(int((np.array(model(mx.array([t])).astype(mx.float32)[0].argmax(-1)) == np.array(b)).sum())
+                for t, b in zip(lists, theirs))
+    return agree, sum(len(t) for t in lists)
 
 
 def weight_error(folder: Path, gguf: Path) -> float:
@@ -120,13 +114,17 @@ def weight_error(folder: Path, gguf: Path) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--types", default=",".join(FTYPES))
-    ap.add_argument("--no-agreement", action="store_true",
-                    help="skip running llama.cpp (its CPU build can fault where cpuid reports AMX it cannot use)")
+    ap.add_argument("--types", default=",".join(TYPES))
+    ap.add_argument("--no-agreement", action="store_true", help="skip running llama.cpp")
     ap.add_argument("--work", default=str(Path.home() / ".cache" / "mlxllama" / "bench-gguf"))
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    from mlxllama.bench import llamacpp
+
+    peer = None if args.no_agreement else llamacpp.backend()
+    print(f"{time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} CPUs, load average {os.getloadavg()}; llama.cpp: "
+          f"{llamacpp.CAVEATS.get(peer, 'not run')}", flush=True)
     f16 = f16_source(work)
     rows = []
     for name in args.types.split(","):

@@ -46,8 +46,9 @@ class BenchOptions:
     qa_path: str | None = None
     qa_limit: int = 1000
     qa_max_tokens: int = 64
-    llama_cpp: bool = True  # when llama-cpp-python is installed and a GGUF is known
+    llama_cpp: bool = True  # when a llama.cpp binding runs here (bench/llamacpp.py) and a GGUF is known
     gguf: str | None = None
+    llama_cpp_threads: int | None = None  # None: one per CPU
     compiled: bool | None = None  # also measure our compiled decode step (None: on GPU only)
     work_dir: str | None = None  # where random-weight models are written (default: the user cache)
     progress: bool = True
@@ -126,7 +127,10 @@ def system_spec(label: str) -> tuple[dict, dict]:
 
 def run_worker(spec: dict, env_extra: dict, timeout: float) -> dict:
     env = {**os.environ, **env_extra, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "mlxllama.bench.worker", json.dumps(spec)]
+    if spec.get("system") == "llama.cpp":  # by path: no MLX in llama.cpp's process (see worker.py)
+        cmd = [sys.executable, str(Path(__file__).with_name("worker.py")), json.dumps(spec)]
+    else:
+        cmd = [sys.executable, "-m", "mlxllama.bench.worker", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -238,10 +242,11 @@ def find_gguf(opts: BenchOptions) -> str | None:
         return None
 
 
-def llama_cpp_available() -> bool:
-    import importlib.util
+def llama_cpp_backend(gguf: str | None) -> str | None:
+    """The llama.cpp binding that loads and decodes the GGUF here, if any (probed in subprocesses)."""
+    from .llamacpp import backend
 
-    return importlib.util.find_spec("llama_cpp") is not None
+    return backend(gguf) if gguf else None
 
 
 def run_bench(opts: BenchOptions, log=None) -> BenchResult:
@@ -265,6 +270,7 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
     for name in opts.models:
         label, path = resolve_bench_model(name, work_dir, log)
         entry = {"name": label, "path": path, "systems": {}, "ttft": None, "lookup": None}
+        config = None
         try:
             config = json.loads((Path(path) / "config.json").read_text())
             entry["params"] = quantized_params(config)
@@ -276,7 +282,7 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
         is_default = name in ("default", None)
         is_random = MODEL_ALIASES.get(name, name) in SHAPES
         run_systems = list(systems)
-        if opts.llama_cpp and is_default and llama_cpp_available() and "llama.cpp" not in run_systems:
+        if opts.llama_cpp and is_default and "llama.cpp" not in run_systems and llama_cpp_backend(find_gguf(opts)):
             run_systems.append("llama.cpp")
         for sys_label in run_systems:
             fields, env = system_spec(sys_label)
@@ -286,7 +292,12 @@ def run_bench(opts: BenchOptions, log=None) -> BenchResult:
                 if gguf is None:
                     entry["systems"][sys_label] = {"error": "no GGUF file (pass --gguf)"}
                     continue
-                spec["gguf"] = gguf
+                spec["gguf"], spec["threads"] = gguf, opts.llama_cpp_threads
+                spec["vocab"] = (config or {}).get("vocab_size")  # the same random prompts as ours
+                spec["llama_cpp_backend"] = llama_cpp_backend(gguf)
+                if spec["llama_cpp_backend"] is None:
+                    entry["systems"][sys_label] = {"error": "no llama.cpp binding runs here (pip install xllamacpp)"}
+                    continue
             log(f"[{label}] {sys_label} ...")
             res = run_worker(spec, env, timeout=opts.budget_s * 2 + 600)
             entry["systems"][sys_label] = res

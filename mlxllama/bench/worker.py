@@ -6,7 +6,9 @@ The spec and the result are JSON; the result is the last stdout line, after RESU
 
 Systems: "mlxllama" (ours, default settings; "compiled": true for the compiled decode step),
 "mlx-lm" (its load/stream_generate/batch_generate; "dtype": "float32" casts its floating parameters,
-its best setting on CPU), "llama.cpp" (llama-cpp-python on a GGUF; batch 1 only).
+its best setting on CPU), "llama.cpp" (a GGUF through mlxllama.bench.llamacpp: xllamacpp or
+llama-cpp-python; batch 1 only). The llama.cpp worker runs by path, `python .../worker.py SPEC`,
+so that no MLX is loaded into its process or counted in its peak memory.
 
 Each phase is skipped, with the reason, when its estimated time would overrun the worker's budget:
 slow peers (mlx-lm in bf16 on CPU) still give the figures that fit.
@@ -20,15 +22,24 @@ import sys
 import time
 import traceback
 
-from mlxllama.memory import load_average, rss_peak_gb
-
 RESULT_MARK = "MLXLLAMA-BENCH-RESULT "  # the same in mlxllama/bench/__init__.py (not imported: run as __main__)
 now = time.perf_counter
 
 
 def _load1():
-    load = load_average()
-    return load[0] if load else None
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _llamacpp():
+    """The sibling module llamacpp.py, also when this file runs by path (no mlxllama package)."""
+    if __package__:
+        from . import llamacpp
+    else:
+        import llamacpp  # sys.path[0] is this folder
+    return llamacpp
 
 
 def random_prompt(n: int, vocab: int, seed: int) -> list[int]:
@@ -46,9 +57,9 @@ class Runner:
     supports_batch = True
 
     def peak_gb(self) -> float:
-        import mlx.core as mx
+        from mlxllama.memory import peak_memory_gb
 
-        return max(mx.get_peak_memory() / 1e9, 0.0) or rss_peak_gb()
+        return peak_memory_gb()
 
     def dtype(self) -> str:
         """The dtype the model computes in: that of its first floating parameter."""
@@ -110,30 +121,29 @@ class MlxLm(Runner):
 
 
 class LlamaCpp(Runner):
+    """llama.cpp's first-token and per-token times come from the engine (its own timings with
+    xllamacpp, whose streamed chunks can hold several tokens)."""
+
     supports_batch = False
 
     def __init__(self, spec):
-        from llama_cpp import Llama
-
+        lc = _llamacpp()
         n_ctx = max(spec["prefill_lengths"] + [0]) + spec["decode_prompt"] + spec["decode_tokens"] + 64
-        self.llm = Llama(model_path=spec["gguf"], n_ctx=max(n_ctx, 512), n_threads=os.cpu_count(),
-                         n_batch=512, verbose=False)
-        self.vocab = self.llm.n_vocab()
+        self.backend = spec.get("llama_cpp_backend") or lc.backend()
+        if self.backend is None:
+            raise RuntimeError("no llama.cpp binding runs here (pip install xllamacpp)")
+        self.engine = lc.open_engine(self.backend, spec["gguf"], n_ctx=max(n_ctx, 512), threads=spec.get("threads"))
+        self.vocab = spec.get("vocab") or lc.vocab_size(spec["gguf"])  # from the parent: gguf-py's reader costs RSS
+        self.peak_gb = lc.peak_rss_gb
 
-    def stream(self, prompt, n, **kw):
-        self.llm.reset()
-        count = 0
-        for tok in self.llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            yield tok
-            count += 1
-            if count >= n:
-                return
+    def first_token(self, prompt) -> float:
+        return self.engine.first_token_s(prompt)
 
-    def peak_gb(self) -> float:
-        return rss_peak_gb()
+    def token_times(self, prompt, n: int, cap_s: float) -> list[float]:
+        return self.engine.token_times(prompt, n)
 
     def dtype(self) -> str:
-        return "gguf"
+        return f"gguf ({self.backend})"
 
 
 RUNNERS = {"mlxllama": Ours, "mlx-lm": MlxLm, "llama.cpp": LlamaCpp}
@@ -142,6 +152,8 @@ RUNNERS = {"mlxllama": Ours, "mlx-lm": MlxLm, "llama.cpp": LlamaCpp}
 # --- measurements ---------------------------------------------------------------------------
 
 def first_token_time(r: Runner, prompt) -> float:
+    if hasattr(r, "first_token"):
+        return r.first_token(prompt)
     t = now()
     for _ in r.stream(prompt, 1):
         break
@@ -150,6 +162,8 @@ def first_token_time(r: Runner, prompt) -> float:
 
 def decode_times(r: Runner, prompt, n: int, cap_s: float) -> list[float]:
     """Timestamps of each generated token; stops at n tokens or cap_s after the first one."""
+    if hasattr(r, "token_times"):
+        return r.token_times(prompt, n, cap_s)
     times = []
     for _ in r.stream(prompt, n):
         times.append(now())
@@ -275,6 +289,7 @@ def measure_lookup(spec: dict) -> dict:
     are not counted as free. Also: whether every output is identical."""
     from mlxllama.generate import stream_generate
     from mlxllama.loader import load
+    from mlxllama.memory import rss_peak_gb
 
     model, tok = load(spec["model"], dtype=spec.get("dtype"))
     prompts = qa_prompts(tok, spec["qa_path"], spec.get("qa_limit", 1000))

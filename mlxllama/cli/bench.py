@@ -40,8 +40,12 @@ def _ints(text: str) -> list[int]:
               help="QA prompts (JSONL with context and question; default: examples/qa_dev.jsonl).")
 @click.option("--qa-limit", type=click.IntRange(min=1), default=1000, help="Use at most this many QA items.")
 @click.option("--gguf", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="GGUF of the default model for the llama.cpp row (llama-cpp-python must be installed).")
+              help="GGUF of the default model for the llama.cpp row (default: the default model's own GGUF; "
+                   "llama.cpp runs through xllamacpp, or llama-cpp-python where its build decodes).")
 @click.option("--no-llama-cpp", is_flag=True, help="Leave out llama.cpp even when it is installed.")
+@click.option("--llama-cpp-threads", type=click.IntRange(min=1), default=None,
+              help="llama.cpp's threads (default: one per CPU; on a busy machine 1 can be much faster, as "
+                   "llama.cpp's thread pool spins while it waits for its cores).")
 @click.option("--compiled/--no-compiled", default=None,
               help="Also measure our compiled decode step (default: on GPU only).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
@@ -50,7 +54,8 @@ def _ints(text: str) -> list[int]:
               help="Also write every figure as JSON to this file ('-': stdout, instead of the table).")
 @click.option("--quiet", is_flag=True, help="No progress lines on stderr.")
 def bench_command(models, systems, prefill, batch, decode_tokens, decode_prompt, decode_cap, trials, budget, no_ttft,
-                  ttft_timeout, lookup, qa_file, qa_limit, gguf, no_llama_cpp, compiled, work_dir, json_path, quiet):
+                  ttft_timeout, lookup, qa_file, qa_limit, gguf, no_llama_cpp, llama_cpp_threads, compiled, work_dir,
+                  json_path, quiet):
     """Measure prefill, decode, memory and cold start beside mlx-lm (and llama.cpp), with ratios."""
     from ..bench import BenchOptions, format_table, run_bench
 
@@ -61,7 +66,7 @@ def bench_command(models, systems, prefill, batch, decode_tokens, decode_prompt,
         decode_prompt=decode_prompt, decode_cap_s=decode_cap, trials=trials, budget_s=budget, ttft=not no_ttft,
         ttft_timeout_s=ttft_timeout,
         lookup=lookup, qa_path=qa_file, qa_limit=qa_limit, gguf=gguf, llama_cpp=not no_llama_cpp,
-        compiled=compiled, work_dir=work_dir, progress=not quiet,
+        llama_cpp_threads=llama_cpp_threads, compiled=compiled, work_dir=work_dir, progress=not quiet,
     )
     result = run_bench(opts)
     if json_path == "-":

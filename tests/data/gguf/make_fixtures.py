@@ -5,6 +5,8 @@ whole number of K-quant blocks) written as F16 with gguf-py, then quantized by l
     python tests/data/gguf/make_fixtures.py
 
 Writes tiny-<TYPE>.gguf for each llama.cpp file type below; tests read them without llama.cpp.
+tests/gguf_quantize.py (llama.cpp's block quantizer from the xllamacpp wheel) rebuilds all of them
+but IQ3_S byte for byte (tests/test_gguf_quantize.py).
 """
 
 from __future__ import annotations
