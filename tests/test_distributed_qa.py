@@ -24,7 +24,9 @@ def qa(*args, ranks: int = 1, parallel: str = "tensor") -> subprocess.CompletedP
     if ranks > 1:
         cmd = [LAUNCH, "-n", str(ranks), "--backend", "ring", "--", *cmd, "--parallel", parallel]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    if ranks > 1 and not r.stdout and "connection to a peer was lost" in r.stderr:  # see test_distributed.launched
+    for _ in range(2 if ranks > 1 else 0):  # see test_distributed.launched
+        if r.stdout or "connection to a peer was lost" not in r.stderr:
+            break
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     return r
 
