@@ -4,8 +4,9 @@ A small model often restates the question before answering it ("Ada Lovelace was
 December 1815.") and runs on past the answer ("..., making it the highest mountain in Africa").
 `concise_answer` keeps the words the question does not already hold and returns the longest run of
 them, within one clause, that the passages contain word for word (leading function words dropped:
-"in 1889" -> "1889"). When no such run exists the sentence is not shortened: the
-short answer is always text the documents hold.
+"in 1889" -> "1889"); CJK text, without spaces, loses the beginning and end of its first clause
+that the question holds. When nothing is found the sentence is not shortened: the short answer
+is always text the documents hold.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def _key(word: str) -> str:
 
 def concise_answer(answer: str, question: str, passages: list[str]) -> str | None:
     """The shortest form of `answer` the passages hold word for word, or None when `answer` is
-    already short, is not English-like text, or no part of it is found in the passages."""
+    already short, restates nothing, or no part of it is found in the passages."""
     from bm25s.stopwords import STOPWORDS_EN_PLUS as STOPWORDS_EN
 
     if _CJK.search(answer):
