@@ -552,18 +552,18 @@ def test_unpermute_inverts_permute():
     assert np.array_equal(np.array(unpermute(mx.array(permute(w, 3)), 3)), w)
 
 
-def test_sentencepiece_gguf_tokenizer(tmp_path):
-    """A 'llama' (sentencepiece) GGUF vocabulary rebuilt as tokenizer.json encodes like sentencepiece."""
+def sentencepiece_vocab(tmp_path):
+    """A 320-piece sentencepiece BPE model trained on TEXT (as Llama's tokenizer.model) and its
+    vocabulary as GGUF 'llama' tokenizer metadata: (processor, metadata)."""
     import sentencepiece as spm
 
     (tmp_path / "corpus.txt").write_text(TEXT.replace(". ", ".\n") * 10)
     spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
                                    vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
                                    character_coverage=1.0, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False)  # as Llama's tokenizer.model
+                                   remove_extra_whitespaces=False)
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     n = sp.get_piece_size()
-    assert n == 320
     types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
     md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
           "tokenizer.ggml.scores": mx.array([sp.get_score(i) for i in range(n)], dtype=mx.float32),
@@ -571,6 +571,13 @@ def test_sentencepiece_gguf_tokenizer(tmp_path):
           "tokenizer.ggml.bos_token_id": mx.array(sp.bos_id(), dtype=mx.uint32),
           "tokenizer.ggml.eos_token_id": mx.array(sp.eos_id(), dtype=mx.uint32),
           "tokenizer.ggml.unknown_token_id": mx.array(sp.unk_id(), dtype=mx.uint32)}
+    return sp, md
+
+
+def test_sentencepiece_gguf_tokenizer(tmp_path):
+    """A 'llama' (sentencepiece) GGUF vocabulary rebuilt as tokenizer.json encodes like sentencepiece."""
+    sp, md = sentencepiece_vocab(tmp_path)
+    assert sp.get_piece_size() == 320
     make_gguf(tmp_path / "m.gguf", md)
     out = tmp_path / "out"
     convert(tmp_path / "m.gguf", out, progress=False)

@@ -58,30 +58,16 @@ def test_exported_tokenizer_matches(tmp_path):
 
 def test_sentencepiece_vocab_round_trip(tmp_path):
     """A sentencepiece ("llama") GGUF vocabulary survives import -> export -> import."""
-    import sentencepiece as spm
     from tokenizers import Tokenizer
 
-    from test_convert import TEXT, make_gguf
+    from test_convert import make_gguf, sentencepiece_vocab
 
-    (tmp_path / "corpus.txt").write_text(TEXT.replace(". ", ".\n") * 10)
-    spm.SentencePieceTrainer.train(input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=320, model_type="bpe", byte_fallback=True, minloglevel=2,
-                                   character_coverage=1.0, normalization_rule_name="identity",
-                                   remove_extra_whitespaces=False)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
-    n = sp.get_piece_size()
-    types = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in range(n)]
-    md = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": [sp.id_to_piece(i) for i in range(n)],
-          "tokenizer.ggml.scores": mx.array([sp.get_score(i) for i in range(n)], dtype=mx.float32),
-          "tokenizer.ggml.token_type": mx.array(types, dtype=mx.int32),
-          "tokenizer.ggml.bos_token_id": mx.array(sp.bos_id(), dtype=mx.uint32),
-          "tokenizer.ggml.eos_token_id": mx.array(sp.eos_id(), dtype=mx.uint32),
-          "tokenizer.ggml.unknown_token_id": mx.array(sp.unk_id(), dtype=mx.uint32)}
+    sp, md = sentencepiece_vocab(tmp_path)
     make_gguf(tmp_path / "m.gguf", md)
     convert(tmp_path / "m.gguf", tmp_path / "a", progress=False)
     export_gguf(tmp_path / "a", tmp_path / "e.gguf")
     g = GGUFFile(tmp_path / "e.gguf").metadata
-    assert g["tokenizer.ggml.model"] == "llama" and list(g["tokenizer.ggml.token_type"]) == types
+    assert g["tokenizer.ggml.model"] == "llama" and list(g["tokenizer.ggml.token_type"]) == md["tokenizer.ggml.token_type"].tolist()
     convert(tmp_path / "e.gguf", tmp_path / "b", progress=False)
     a, b = Tokenizer.from_file(str(tmp_path / "a" / "tokenizer.json")), Tokenizer.from_file(str(tmp_path / "b" / "tokenizer.json"))
     for text in ["the quick brown fox jumps", "Then  the dog sleeps, in the sun!", "zebra ünïcödé 東京 42"]:
