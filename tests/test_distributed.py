@@ -181,13 +181,9 @@ def test_data_parallel_lora_equals_one_process_with_the_whole_batch(tmp_path):
     import mlx.core as mx
     import numpy as np
 
-    from test_lora import chat_rows, write_jsonl
+    from test_lora import lora_setup
 
-    model = write_model(tmp_path / "model", "gqa_tied", quantize={"group_size": 32, "bits": 4})
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", chat_rows(16))
-    write_jsonl(data / "valid.jsonl", chat_rows(4, seed=1))
+    model, data = lora_setup(tmp_path)
     args = ["--model", str(model), "--data", str(data), "--iters", "4", "--batch-size", "4", "--rank", "4",
             "--num-layers", "-1", "--learning-rate", "1e-3", "--steps-per-eval", "100", "--save-every", "100"]
     one = subprocess.run([sys.executable, "-m", "mlxllama", "lora", *args, "--adapter-path", str(tmp_path / "one")],

@@ -78,13 +78,9 @@ def test_killed_fuse_leaves_no_partial_output(tmp_path, delay):
 
 
 def test_killed_lora_resumes_to_the_uninterrupted_result(tmp_path):
-    from test_lora import chat_rows, write_jsonl
+    from test_lora import lora_setup
 
-    model = write_model(tmp_path / "m", "gqa_tied", quantize={"group_size": 32, "bits": 4})
-    data = tmp_path / "data"
-    data.mkdir()
-    write_jsonl(data / "train.jsonl", chat_rows(16))
-    write_jsonl(data / "valid.jsonl", chat_rows(4, seed=1))
+    model, data = lora_setup(tmp_path)
     base = [sys.executable, "-m", "mlxllama", "lora", "--model", str(model), "--data", str(data), "--iters", "40",
             "--batch-size", "2", "--num-layers", "-1", "--save-every", "1", "--steps-per-eval", "1000",
             "--learning-rate", "1e-3"]

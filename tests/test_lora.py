@@ -44,10 +44,9 @@ def chat_rows(n, seed=0):
     return rows
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """A 4-bit tiny Llama with a chat template, and a data folder of chat examples."""
-    root = tmp_path_factory.mktemp("lora")
+def lora_setup(root: Path) -> tuple[Path, Path]:
+    """A 4-bit tiny Llama with a chat template, and a data folder of chat examples (16 train, 4
+    valid, 4 test) under `root`: (model folder, data folder)."""
     model = write_model(root / "model", "gqa_tied", quantize=QUANT)
     data = root / "data"
     data.mkdir()
@@ -55,6 +54,12 @@ def tiny(tmp_path_factory):
     write_jsonl(data / "valid.jsonl", chat_rows(4, seed=1))
     write_jsonl(data / "test.jsonl", chat_rows(4, seed=2))
     return model, data
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 4-bit tiny Llama with a chat template, and a data folder of chat examples."""
+    return lora_setup(tmp_path_factory.mktemp("lora"))
 
 
 @pytest.fixture(scope="module")
