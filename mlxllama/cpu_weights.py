@@ -49,12 +49,18 @@ def dequantize_layers(model: nn.Module, dtype: mx.Dtype, only=None) -> None:
         model.update_modules(tree_unflatten(replacements))
 
 
-def apply(model: nn.Module, form: str, dtype: mx.Dtype) -> None:
+def apply(model: nn.Module, form: str, dtype: mx.Dtype, scale_dtype: mx.Dtype | None = None) -> None:
     """Puts the model's quantized layers in `form` (device.weights_form). In "kernel" form, layers the kernel
-    cannot run (3, 5, 6 bits) are made dense when that fits."""
+    cannot run (3, 5, 6 bits) are made dense when that fits, and the kernel's layers keep their scales
+    and biases in `scale_dtype` (the checkpoint's half type, when it has one)."""
     if form == "dense":
         dequantize_layers(model, dtype)
     elif form == "kernel":
         if dense_fits(model):
             dequantize_layers(model, dtype, only=lambda m: not _kernel_supports(m))
-        kernels.use_kernel(model)
+        kernels.use_kernel(model, scale_dtype)
+
+
+def checkpoint_scale_dtype(weights: dict[str, mx.array]) -> mx.Dtype | None:
+    """The type a checkpoint stores its quantization scales in (None: not quantized)."""
+    return next((w.dtype for k, w in weights.items() if k.endswith(".scales")), None)

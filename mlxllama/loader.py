@@ -178,6 +178,7 @@ def load_model(
     model.load_weights(list(weights.items()), strict=False)
 
     target = device.compute_dtype(weights, dtype)
+    scale_dtype = cpu_weights.checkpoint_scale_dtype(weights)
     model.set_dtype(target)
     form = device.weights_form(model, dense, target, train=train)
     if form == "dense":
@@ -185,7 +186,7 @@ def load_model(
     if stack and hasattr(model, "stack_projections"):
         model.stack_projections()
     if form == "kernel":  # after fusing: the stacked layers are new modules
-        cpu_weights.apply(model, form, target)
+        cpu_weights.apply(model, form, target, scale_dtype)
     model.weights_form = form
     if not lazy:
         try:

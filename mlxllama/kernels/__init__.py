@@ -67,8 +67,13 @@ def info() -> dict:
     return {"available": True, "isa": _qmm.isa(), "threads": _qmm.threads(), "max_rows": _qmm.max_rows()}
 
 
+SCALE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # what the kernel reads scales and biases as
+
+
 def _applies(layer, x: mx.array) -> bool:
-    return x.dtype == mx.float32 and layer.get("biases") is not None and layer["scales"].dtype == mx.float32
+    biases = layer.get("biases")
+    return (x.dtype == mx.float32 and biases is not None and layer["scales"].dtype in SCALE_DTYPES
+            and biases.dtype == layer["scales"].dtype)
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
@@ -84,7 +89,14 @@ class KernelQuantizedLinear(nn.QuantizedLinear):
 
 
 class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
-    """nn.QuantizedEmbedding whose as_linear (tied output head) runs the native kernel."""
+    """nn.QuantizedEmbedding whose as_linear (tied output head) runs the native kernel; its rows come
+    out in float32 however the scales are stored (the CPU computes in float32)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self["scales"].dtype == mx.float32 or self.get("biases") is None:
+            return super().__call__(x)
+        return mx.dequantize(self["weight"][x], scales=self["scales"][x], biases=self["biases"][x],
+                             group_size=self.group_size, bits=self.bits, mode=self.mode, dtype=mx.float32)
 
     def as_linear(self, x: mx.array) -> mx.array:
         if not _applies(self, x):
@@ -92,13 +104,64 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
         return quantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
 
 
-def use_kernel(model: nn.Module) -> int:
-    """Switches the model's eligible quantized layers to the kernel in place (their parameters are
-    untouched). Returns how many layers now use it; idempotent."""
+def _kernel_linear(m) -> bool:
+    if type(m) is not KernelQuantizedLinear or "bias" in m or m.get("biases") is None:
+        return False
+    return m["scales"].dtype in SCALE_DTYPES and m["biases"].dtype == m["scales"].dtype
+
+
+def decode_block(block, x: mx.array, cache, rope_rows) -> mx.array | None:
+    """A Llama-family TransformerBlock (stacked projections, kernel-quantized, no biases) for one
+    token (x (1, 1, D) float32) with a KVCache, as one fused CPU operation that also writes the
+    token's key and value into the cache; None when the block or its inputs are of another kind
+    (the caller then runs it operation by operation)."""
+    if _qmm is None or x.dtype != mx.float32 or x.shape[0] != 1 or x.shape[1] != 1 or rope_rows is None:
+        return None
+    attn, mlp = block.self_attn, block.mlp
+    norm_in, norm_post = block.input_layernorm, block.post_attention_layernorm
+    if "qkv_proj" not in attn or "gate_up_proj" not in mlp or norm_in.eps != norm_post.eps:
+        return None
+    projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if not all(_kernel_linear(p) for p in projs) or norm_in.weight.dtype != mx.float32:
+        return None
+    H, Hkv = attn.n_heads, attn.n_kv_heads
+    Dh = attn.qkv_proj.weight.shape[0] // (H + 2 * Hkv)
+    cos, sin = rope_rows
+    if cos.dtype != mx.float32 or cos.size != Dh:
+        return None
+    if cache.keys is None or cache.offset >= cache.keys.shape[2]:
+        grow = mx.zeros((1, Hkv, 1, Dh), mx.float32)
+        cache._grow(grow, grow, 1)
+    if cache.keys.dtype != mx.float32 or cache.keys.shape[0] != 1:
+        return None
+    inputs = [x, norm_in.weight]
+    for p in projs[:2]:
+        inputs += [p["weight"], p["scales"], p["biases"]]
+    inputs.append(norm_post.weight)
+    for p in projs[2:]:
+        inputs += [p["weight"], p["scales"], p["biases"]]
+    inputs += [cache.keys, cache.values, cos, sin]
+    out, cache.keys, cache.values = _qmm.decode_block(
+        inputs, H, Hkv, Dh, norm_in.eps, attn.scale, [p.group_size for p in projs], [p.bits for p in projs],
+        cache.offset)
+    del inputs  # the old cache buffers: now held by the graph only, so the kernel writes them in place
+    cache.offset += 1
+    return out
+
+
+def use_kernel(model: nn.Module, scale_dtype: mx.Dtype | None = None) -> int:
+    """Switches the model's eligible quantized layers to the kernel in place. scale_dtype (float16 or
+    bfloat16: the checkpoint's) puts their scales and biases back in that type, which the kernel reads
+    directly (fewer bytes per token than float32; exact, since they were only widened); other values
+    leave the parameters untouched. Returns how many layers now use it; idempotent."""
     if _qmm is None:
         return 0
     count = 0
+    half = scale_dtype if scale_dtype in (mx.float16, mx.bfloat16) else None
     for _, m in model.named_modules():
+        if half is not None and isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and \
+                m.get("biases") is not None and supports(m.bits, m.group_size, getattr(m, "mode", "affine")):
+            m.scales, m.biases = m.scales.astype(half), m.biases.astype(half)
         mode = getattr(m, "mode", "affine")
         if isinstance(m, KernelQuantizedLinear) or isinstance(m, KernelQuantizedEmbedding):
             count += 1

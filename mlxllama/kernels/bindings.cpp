@@ -1,6 +1,10 @@
 // Python module mlxllama.kernels._qmm (nanobind, in MLX's binding domain so mx.array passes through).
 #include <nanobind/nanobind.h>
 
+#include <nanobind/stl/array.h>
+#include <nanobind/stl/vector.h>
+
+#include "decode.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -16,5 +20,16 @@ NB_MODULE(_qmm, m) {
   m.def("set_max_rows", &mlxllama::set_qmm_max_rows, "rows"_a,
         "Rows up to which the vector kernel runs; more take dequantized tiles + sgemm.");
   m.def("threads", &mlxllama::qmm_threads);
+  m.def(
+      "decode_block",
+      [](const std::vector<mlxllama::mx::array>& inputs, int n_heads, int n_kv_heads, int head_dim, float norm_eps,
+         float scale, std::array<int, 4> group_size, std::array<int, 4> bits, int offset) {
+        return mlxllama::decode_block(inputs, {n_heads, n_kv_heads, head_dim, norm_eps, scale, group_size, bits},
+                                      offset);
+      },
+      "inputs"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "norm_eps"_a, "scale"_a, "group_size"_a, "bits"_a,
+      "offset"_a, "One transformer block for one token (decode.h): [out, keys, values].");
+  m.def("decode_cache_copies", &mlxllama::decode_cache_copies,
+        "How often decode_block copied a KV cache buffer instead of writing it in place.");
   m.def("set_threads", &mlxllama::set_qmm_threads, "n"_a, "Threads for the kernel (0: one per available core).");
 }

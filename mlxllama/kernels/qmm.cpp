@@ -11,8 +11,10 @@
 // CBLAS sgemm that MLX's own float32 matmul uses.
 
 #include "qmm.h"
+#include "qmm_internal.h"
 
 #include <algorithm>
+#include <utility>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -174,21 +176,63 @@ Pool& pool() {
 // ---------------------------------------------------------------------------------------------
 // Kernels. One call computes out rows m0 .. m0 + MB - 1, output columns n0 .. n1 - 1.
 
+// Scales and biases stay in the checkpoint's type (float16 halves the bytes they add to each
+// group); read one at a time and widened to float32.
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline float f16_to_float(uint16_t h) { // IEEE half -> float, subnormals included
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {
+    exp = 113;
+    while (!(mant & 0x400u)) mant <<= 1, --exp;
+    bits = sign | (exp << 23) | ((mant & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+struct Generic {
+  static float half(uint16_t h) { return f16_to_float(h); }
+};
+
+template <class V>
+[[gnu::always_inline]] inline float scale_at(const void* p, ScaleType t, size_t i) {
+  switch (t) {
+    case ScaleType::f32: return static_cast<const float*>(p)[i];
+    case ScaleType::bf16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default: return V::half(static_cast<const uint16_t*>(p)[i]);
+  }
+}
+
 struct Args {
   const float* xp; // (M, K) permuted activations
   const float* xsum; // (M, G) per-group sums of x
   const uint8_t* w; // (N, K * bits / 8)
-  const float* scales; // (N, G)
-  const float* biases; // (N, G)
+  const void* scales; // (N, G), float32, float16 or bfloat16 (ScaleType)
+  const void* biases; // (N, G), the same type
+  ScaleType st;
   float* out; // (M, N)
   int M, N, K, G, group_size;
 };
 
 inline float bias_term(const Args& a, int n, int m) {
-  const float* b = a.biases + static_cast<size_t>(n) * a.G;
+  const size_t b = static_cast<size_t>(n) * a.G;
   const float* s = a.xsum + static_cast<size_t>(m) * a.G;
   float t = 0.f;
-  for (int g = 0; g < a.G; ++g) t += b[g] * s[g];
+  for (int g = 0; g < a.G; ++g) t += scale_at<Generic>(a.biases, a.st, b + g) * s[g];
   return t;
 }
 
@@ -201,7 +245,7 @@ void rows_generic(const Args& a, int m0, int n0, int n1) {
   const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
   for (int n = n0; n < n1; ++n) {
     const uint8_t* wr = a.w + n * row_bytes;
-    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
+    const size_t sr = static_cast<size_t>(n) * a.G;
     float tot[MB] = {};
     for (int g = 0; g < a.G; ++g) {
       float acc[MB][16] = {};
@@ -221,7 +265,7 @@ void rows_generic(const Args& a, int m0, int n0, int n1) {
       for (int m = 0; m < MB; ++m) {
         float t = 0.f;
         for (int j = 0; j < 16; ++j) t += acc[m][j];
-        tot[m] += sr[g] * t;
+        tot[m] += scale_at<Generic>(a.scales, a.st, sr + g) * t;
       }
     }
     for (int m = 0; m < MB; ++m) {
@@ -239,13 +283,31 @@ void rows_generic(const Args& a, int m0, int n0, int n1) {
 // and their __m512 / __m256 values never cross a call: -Wpsabi's ABI note does not apply.)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wpsabi"
-#define MLXLLAMA_AVX512 __attribute__((target("avx512f")))
-#define MLXLLAMA_AVX2 __attribute__((target("avx2,fma")))
+#define MLXLLAMA_AVX512 __attribute__((target("avx512f,f16c")))
+#define MLXLLAMA_AVX2 __attribute__((target("avx2,fma,f16c")))
 
 struct Avx512 {
   static constexpr int W = 16;
+  static constexpr bool kTable = true; // vpermps over 16 floats
   using F = __m512;
   using I = __m512i;
+  MLXLLAMA_AVX512 static F iota() {
+    return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  MLXLLAMA_AVX512 static I shift(I v, int shift) { return _mm512_srli_epi32(v, shift); }
+  MLXLLAMA_AVX512 static float half(uint16_t h) { return _cvtsh_ss(h); }
+  // n float16 / bfloat16 values from element `at` of src -> float32
+  MLXLLAMA_AVX512 static void widen(const void* src, ScaleType t, size_t at, size_t n, float* dst) {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + at;
+    size_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + i));
+      _mm512_storeu_ps(dst + i, t == ScaleType::f16 ? _mm512_cvtph_ps(h)
+                                                    : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+    }
+    for (; i < n; ++i) dst[i] = t == ScaleType::f16 ? _cvtsh_ss(p[i]) : bf16_to_float(p[i]);
+  }
+  MLXLLAMA_AVX512 static F lookup(I idx, F table) { return _mm512_permutexvar_ps(idx, table); }
   MLXLLAMA_AVX512 static F zero() { return _mm512_setzero_ps(); }
   MLXLLAMA_AVX512 static F set1(float v) { return _mm512_set1_ps(v); }
   MLXLLAMA_AVX512 static I set1i(int v) { return _mm512_set1_epi32(v); }
@@ -263,8 +325,23 @@ struct Avx512 {
 
 struct Avx2 {
   static constexpr int W = 8;
+  static constexpr bool kTable = false;
   using F = __m256;
   using I = __m256i;
+  MLXLLAMA_AVX2 static F iota() { return _mm256_setzero_ps(); } // unused: no table on AVX2
+  MLXLLAMA_AVX2 static I shift(I v, int shift) { return _mm256_srli_epi32(v, shift); }
+  MLXLLAMA_AVX2 static float half(uint16_t h) { return _cvtsh_ss(h); }
+  MLXLLAMA_AVX2 static void widen(const void* src, ScaleType t, size_t at, size_t n, float* dst) {
+    const uint16_t* p = static_cast<const uint16_t*>(src) + at;
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + i));
+      _mm256_storeu_ps(dst + i, t == ScaleType::f16 ? _mm256_cvtph_ps(h)
+                                                    : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+    }
+    for (; i < n; ++i) dst[i] = t == ScaleType::f16 ? _cvtsh_ss(p[i]) : bf16_to_float(p[i]);
+  }
+  MLXLLAMA_AVX2 static F lookup(I, F table) { return table; }
   MLXLLAMA_AVX2 static F zero() { return _mm256_setzero_ps(); }
   MLXLLAMA_AVX2 static F set1(float v) { return _mm256_set1_ps(v); }
   MLXLLAMA_AVX2 static I set1i(int v) { return _mm256_set1_epi32(v); }
@@ -284,45 +361,107 @@ struct Avx2 {
   }
 };
 
-template <class V, int BITS, int MB>
-[[gnu::always_inline]] inline void rows_simd(const Args& a, int m0, int n0, int n1) {
+// Few rows (decode). NR output columns run side by side, so the accumulators form NR * MB
+// independent chains (a single chain would wait on each FMA's latency). Two ways to apply the
+// group's scale s and bias b:
+// - table (AVX-512, 2 and 4 bits): the 16 dequantized values s * q + b of the group are one
+//   vector, and vpermps turns the codes into weights in one instruction (conversion, scale and
+//   bias together); x * w accumulates over the whole row.
+// - factored (8 bits, AVX2): sum_k x q accumulates per group, then s times that plus b times the
+//   group's sum of x.
+template <class V, int BITS, int MB, int NR>
+[[gnu::always_inline]] inline void rows_block(const Args& a, int m0, int n, const float* sc, const float* bi) {
+  // sc, bi: the NR rows' scales and biases as float32, (NR, G)
   using F = typename V::F;
   using I = typename V::I;
   constexpr int P = 8 / BITS, HALVES = 16 / V::W; // vectors per 16-byte run of weights
+  constexpr bool LUT = V::kTable && BITS <= 4;
   const I mask = V::set1i((1 << BITS) - 1);
   const int chunks = a.group_size / (16 * P);
   const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
   const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
   const size_t K = a.K;
-  for (int n = n0; n < n1; ++n) {
-    const uint8_t* wr = a.w + n * row_bytes;
-    const float* sr = a.scales + static_cast<size_t>(n) * a.G;
-    F tot[MB];
-    for (int m = 0; m < MB; ++m) tot[m] = V::zero();
-    for (int g = 0; g < a.G; ++g) {
-      F acc[MB];
-      for (int m = 0; m < MB; ++m) acc[m] = V::zero();
-      for (int c = 0; c < chunks; ++c) {
-        const int chunk = g * chunks + c;
-        const float* xb = xp + chunk * 16 * P;
-        for (int h = 0; h < HALVES; ++h) {
-          const I v = V::bytes(wr + chunk * 16 + h * V::W);
-          for (int i = 0; i < P; ++i) {
-            I qi = v;
-            if constexpr (BITS != 8) qi = V::shift_mask(v, i * BITS, mask);
-            const F q = V::to_float(qi);
-            for (int m = 0; m < MB; ++m) {
-              acc[m] = V::fmadd(V::load(xb + m * K + i * 16 + h * V::W), q, acc[m]);
+  const F iota = V::iota();
+  F tot[NR][MB], acc[NR][MB];
+  float bsum[NR][MB] = {};
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m) tot[r][m] = acc[r][m] = V::zero();
+  for (int g = 0; g < a.G; ++g) {
+    F table[NR];
+    if constexpr (LUT) {
+      for (int r = 0; r < NR; ++r) {
+        const size_t at = static_cast<size_t>(r) * a.G + g;
+        table[r] = V::fmadd(iota, V::set1(sc[at]), V::set1(bi[at]));
+      }
+    } else {
+      for (int r = 0; r < NR; ++r)
+        for (int m = 0; m < MB; ++m) acc[r][m] = V::zero();
+    }
+    for (int c = 0; c < chunks; ++c) {
+      const int chunk = g * chunks + c;
+      const float* xb = xp + chunk * 16 * P;
+      for (int h = 0; h < HALVES; ++h) {
+        I v[NR];
+        for (int r = 0; r < NR; ++r) v[r] = V::bytes(a.w + (n + r) * row_bytes + chunk * 16 + h * V::W);
+        for (int i = 0; i < P; ++i) {
+          F xv[MB];
+          for (int m = 0; m < MB; ++m) xv[m] = V::load(xb + m * K + i * 16 + h * V::W);
+          for (int r = 0; r < NR; ++r) {
+            I qi = v[r];
+            if constexpr (BITS == 8) {
+            } else if constexpr (LUT && BITS == 4) {
+              if (i) qi = V::shift(v[r], 4); // the table reads the low 4 bits only
+            } else if (BITS * (i + 1) == 8) {
+              qi = V::shift(v[r], i * BITS); // the top code of a byte needs no mask
+            } else {
+              qi = V::shift_mask(v[r], i * BITS, mask);
             }
+            const F w = LUT ? V::lookup(qi, table[r]) : V::to_float(qi);
+            F* dst = LUT ? tot[r] : acc[r];
+            for (int m = 0; m < MB; ++m) dst[m] = V::fmadd(xv[m], w, dst[m]);
           }
         }
       }
-      const F s = V::set1(sr[g]);
-      for (int m = 0; m < MB; ++m) tot[m] = V::fmadd(acc[m], s, tot[m]);
     }
-    for (int m = 0; m < MB; ++m) {
-      a.out[static_cast<size_t>(m0 + m) * a.N + n] = V::sum(tot[m]) + bias_term(a, n, m0 + m);
+    if constexpr (!LUT) {
+      for (int r = 0; r < NR; ++r) {
+        const size_t at = static_cast<size_t>(r) * a.G + g;
+        const F sv = V::set1(sc[at]);
+        const float bv = bi[at];
+        for (int m = 0; m < MB; ++m) {
+          tot[r][m] = V::fmadd(acc[r][m], sv, tot[r][m]);
+          bsum[r][m] += bv * a.xsum[static_cast<size_t>(m0 + m) * a.G + g];
+        }
+      }
     }
+  }
+  for (int r = 0; r < NR; ++r)
+    for (int m = 0; m < MB; ++m)
+      a.out[static_cast<size_t>(m0 + m) * a.N + n + r] = V::sum(tot[r][m]) + bsum[r][m];
+}
+
+template <class V, int BITS, int MB>
+[[gnu::always_inline]] inline void rows_simd(const Args& a, int m0, int n0, int n1) {
+  constexpr int NR = MB == 1 ? 4 : MB == 2 ? 2 : 1;
+  int n = n0;
+  // scales and biases of the rows in float32: the data itself, or widened NR rows at a time
+  const bool wide = a.st == ScaleType::f32;
+  thread_local std::vector<float> buf;
+  if (!wide) buf.resize(static_cast<size_t>(2) * NR * a.G);
+  auto rows = [&](int first, int count) -> std::pair<const float*, const float*> {
+    const size_t at = static_cast<size_t>(first) * a.G, len = static_cast<size_t>(count) * a.G;
+    if (wide) return {static_cast<const float*>(a.scales) + at, static_cast<const float*>(a.biases) + at};
+    V::widen(a.scales, a.st, at, len, buf.data());
+    V::widen(a.biases, a.st, at, len, buf.data() + len);
+    return {buf.data(), buf.data() + len};
+  };
+  for (; n + NR <= n1; n += NR) {
+    const auto [sc, bi] = rows(n, NR);
+    rows_block<V, BITS, MB, NR>(a, m0, n, sc, bi);
+  }
+  for (; n < n1; ++n) {
+    const auto [sc, bi] = rows(n, 1);
+    rows_block<V, BITS, MB, 1>(a, m0, n, sc, bi);
   }
 }
 
@@ -346,9 +485,10 @@ Isa detect_isa() {
   Isa best = Isa::generic;
 #ifdef MLXLLAMA_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) {
+  const bool f16c = __builtin_cpu_supports("f16c");
+  if (__builtin_cpu_supports("avx512f") && f16c) {
     best = Isa::avx512;
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && f16c) {
     best = Isa::avx2;
   }
 #endif
@@ -456,7 +596,8 @@ void dequant_generic(const Args& a, int n0, int n1, float* dst) {
     const uint8_t* wr = a.w + n * row_bytes;
     float* d = dst + static_cast<size_t>(n - n0) * a.K;
     for (int g = 0; g < a.G; ++g) {
-      const float s = a.scales[static_cast<size_t>(n) * a.G + g], b = a.biases[static_cast<size_t>(n) * a.G + g];
+      const size_t at = static_cast<size_t>(n) * a.G + g;
+      const float s = scale_at<Generic>(a.scales, a.st, at), b = scale_at<Generic>(a.biases, a.st, at);
       for (int c = 0; c < chunks; ++c) {
         const int chunk = g * chunks + c;
         const uint8_t* by = wr + chunk * 16;
@@ -484,8 +625,9 @@ template <class V, int BITS>
     const uint8_t* wr = a.w + n * row_bytes;
     float* d = dst + static_cast<size_t>(n - n0) * a.K;
     for (int g = 0; g < a.G; ++g) {
-      const F s = V::set1(a.scales[static_cast<size_t>(n) * a.G + g]);
-      const F b = V::set1(a.biases[static_cast<size_t>(n) * a.G + g]);
+      const size_t at = static_cast<size_t>(n) * a.G + g;
+      const F s = V::set1(scale_at<V>(a.scales, a.st, at));
+      const F b = V::set1(scale_at<V>(a.biases, a.st, at));
       for (int c = 0; c < chunks; ++c) {
         const int chunk = g * chunks + c;
         for (int h = 0; h < HALVES; ++h) {
@@ -568,7 +710,7 @@ void run_kernel(const Args& a, int bits) {
   // Split columns so every thread gets several tasks; small problems run on one thread.
   const size_t work = static_cast<size_t>(a.N) * a.K * a.M;
   const int threads = work < (1 << 16) ? 1 : pool().threads();
-  const int per = std::max(4, (a.N + threads * 4 - 1) / (threads * 4));
+  const int per = std::max(4, (a.N + threads * 4 - 1) / (threads * 4) + 3 & ~3); // whole blocks of 4 columns
   const int tasks = (a.N + per - 1) / per;
   auto body = [&](int task) {
     const int n0 = task * per, n1 = std::min(a.N, n0 + per);
@@ -591,8 +733,9 @@ void quantized_matmul_cpu(const mx::array& x, const mx::array& w, const mx::arra
   const int N = w.shape(0);
   Args a{};
   a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-  a.scales = scales.data<float>();
-  a.biases = biases.data<float>();
+  a.scales = scales.data<void>();
+  a.biases = biases.data<void>();
+  a.st = scale_type(scales.dtype());
   a.out = out.data<float>();
   a.M = M, a.N = N, a.K = K, a.G = K / group_size, a.group_size = group_size;
   if (M == 0 || N == 0) return;
@@ -622,6 +765,37 @@ void require_contiguous(const mx::array& a, const char* what) {
 }
 
 } // namespace
+
+namespace detail {
+
+void qmm_rows(const float* x, int M, int K, const uint32_t* w, const void* scales, const void* biases,
+              ScaleType st, float* out, int N, int group_size, int bits) {
+  Args a{};
+  a.w = reinterpret_cast<const uint8_t*>(w);
+  a.scales = scales, a.biases = biases, a.st = st, a.out = out;
+  a.M = M, a.N = N, a.K = K, a.G = K / group_size, a.group_size = group_size;
+  thread_local std::vector<float> xpbuf, sumbuf;
+  xpbuf.resize(static_cast<size_t>(M) * K);
+  sumbuf.resize(static_cast<size_t>(M) * a.G);
+  permute_rows(x, M, K, bits, group_size, xpbuf.data(), sumbuf.data());
+  a.xp = xpbuf.data();
+  a.xsum = sumbuf.data();
+  if (M > max_kernel_rows.load()) {
+    run_dense(a, bits);
+  } else {
+    run_kernel(a, bits);
+  }
+}
+
+void parallel_for(int tasks, const std::function<void(int)>& f) {
+  pool().run(tasks, f);
+}
+
+int pool_threads() {
+  return pool().threads();
+}
+
+} // namespace detail
 
 bool qmm_supported(int bits, int group_size) {
   if (bits != 2 && bits != 4 && bits != 8) return false;
@@ -669,7 +843,9 @@ mx::array qmm(const mx::array& x, const mx::array& w, const mx::array& scales, c
   }
   mx::Shape sshape{w.shape(0), K / group_size};
   auto s = mx::default_stream(mx::Device(mx::Device::cpu));
-  auto sc = mx::astype(scales, mx::float32, s), bi = mx::astype(biases, mx::float32, s);
+  // float16 and bfloat16 scales are read as they are; others become float32 (biases follow the scales)
+  const auto st = mx::issubdtype(scales.dtype(), mx::floating) && scale_supported(scales.dtype()) ? scales.dtype() : mx::float32;
+  auto sc = mx::astype(scales, st, s), bi = mx::astype(biases, st, s);
   if (sc.shape() != sshape || bi.shape() != sshape) {
     throw std::invalid_argument("[qmm] scales and biases must have shape (N, K / group_size)");
   }

@@ -12,8 +12,9 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .. import device
+from .. import device, kernels
 from . import host_ops
+from .cache import KVCache
 from .host_ops import RopeTable, apply_rope_table
 
 
@@ -33,6 +34,10 @@ class Backend:
         if rows is not None:
             return apply_rope_table(x, *rows).transpose(0, 2, 1, 3)
         return rope(x.transpose(0, 2, 1, 3), offset=offset)
+
+    def block(self, block: nn.Module, x: mx.array, mask, cache, rope_rows) -> mx.array | None:
+        """A whole TransformerBlock in one fused operation, or None: the block runs op by op."""
+        return None
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
         """q (B, H, L, Dh), k and v (B, Hkv, S, Dh) -> (B, H, L, Dh)."""
@@ -56,6 +61,12 @@ class CPUBackend(Backend):
         if self.table is None or not isinstance(offset, int):
             return None
         return self.table(offset, length, dtype)
+
+    def block(self, block, x, mask, cache, rope_rows):
+        # one-token decode with a plain KV cache: the native fused block (mlxllama.kernels)
+        if mask is None and type(cache) is KVCache and x.shape[1] == 1:
+            return kernels.decode_block(block, x, cache, rope_rows)
+        return None
 
     def attention(self, q, k, v, scale, mask, cache):
         if host_ops.wanted(q, cache):  # prompt chunks: NumPy's exp is ~15x faster

@@ -200,6 +200,8 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache=None, rope_rows=None) -> mx.array:
+        if cache is not None and (fused := self.self_attn.backend.block(self, x, mask, cache, rope_rows)) is not None:
+            return fused  # the whole block as one operation (CPU decode)
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope_rows)
         return h + self.mlp(self.post_attention_layernorm(h), cache)
 

@@ -1,0 +1,312 @@
+// The fused decode block (decode.h). Per-token work of a small model is a few microseconds per
+// operation; run as ~25 MLX operations per layer, dispatching them cost as much as the matmuls.
+// Here the block is one operation: the matmuls go through the quantized kernel (qmm.cpp) and its
+// thread pool, the rest are short loops.
+
+#include "decode.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "qmm_internal.h"
+
+namespace mlxllama {
+
+std::atomic<int64_t> cache_copies{0};
+
+int64_t decode_cache_copies() {
+  return cache_copies.load();
+}
+
+namespace {
+
+// Loops the compiler vectorises, built for each instruction set and picked at load time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MLXLLAMA_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define MLXLLAMA_CLONES
+#endif
+
+// A float sum in a fixed order cannot be vectorised (without -ffast-math), so the sums below keep 16
+// independent partial sums, which the compiler turns into vector lanes.
+constexpr int kLanes = 16;
+
+[[gnu::always_inline]] inline float dot(const float* a, const float* b, int n) {
+  float acc[kLanes] = {};
+  int i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[i + l] * b[i + l];
+  }
+  for (; i < n; ++i) acc[0] += a[i] * b[i];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += acc[l];
+  return s;
+}
+
+MLXLLAMA_CLONES void rms_norm(const float* x, const float* w, float eps, float* out, int n) {
+  const float r = 1.f / std::sqrt(dot(x, x, n) / n + eps);
+  for (int i = 0; i < n; ++i) out[i] = x[i] * r * w[i];
+}
+
+// x (Dh) rotated: x * cos + roll_half(x) * sin
+void rope(float* x, const float* cos, const float* sin, int dh, float* tmp) {
+  const int half = dh / 2;
+  for (int i = 0; i < half; ++i) tmp[i] = x[i] * cos[i] + x[i + half] * sin[i];
+  for (int i = half; i < dh; ++i) tmp[i] = x[i] * cos[i] + x[i - half] * sin[i];
+  std::memcpy(x, tmp, sizeof(float) * dh);
+}
+
+// One query head over positions 0 .. n - 1 of its KV head: softmax(scale * q K^T) V.
+MLXLLAMA_CLONES void attend(const float* q, const float* k, const float* v, int n, int dh, float scale,
+                            float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int j = 0; j < n; ++j) {
+    scores[j] = scale * dot(q, k + static_cast<size_t>(j) * dh, dh);
+    mx = std::max(mx, scores[j]);
+  }
+  float sum = 0.f;
+  for (int j = 0; j < n; ++j) {
+    scores[j] = std::exp(scores[j] - mx);
+    sum += scores[j];
+  }
+  std::fill(out, out + dh, 0.f);
+  for (int j = 0; j < n; ++j) {
+    const float p = scores[j] / sum;
+    const float* vj = v + static_cast<size_t>(j) * dh;
+    for (int i = 0; i < dh; ++i) out[i] += p * vj[i];
+  }
+}
+
+struct Proj {
+  const uint32_t* w;
+  const void* scales;
+  const void* biases;
+  ScaleType st;
+  int n, k, group_size, bits;
+};
+
+Proj proj(const std::vector<mx::array>& in, int at, int group_size, int bits) {
+  const auto& w = in[at];
+  return {w.data<uint32_t>(), in[at + 1].data<void>(), in[at + 2].data<void>(), scale_type(in[at + 1].dtype()),
+          static_cast<int>(w.shape(0)), static_cast<int>(w.shape(1)) * 32 / bits, group_size, bits};
+}
+
+void matvec(const Proj& p, const float* x, float* out) {
+  detail::qmm_rows(x, 1, p.k, p.w, p.scales, p.biases, p.st, out, p.n, p.group_size, p.bits);
+}
+
+enum Input { X, NORM_IN, QKV, O = QKV + 3, NORM_POST = O + 3, GATE_UP, DOWN = GATE_UP + 3, KEYS = DOWN + 3, VALUES,
+             COS, SIN, COUNT };
+
+bool same(const BlockShape& a, const BlockShape& b) {
+  return a.n_heads == b.n_heads && a.n_kv_heads == b.n_kv_heads && a.head_dim == b.head_dim &&
+         a.norm_eps == b.norm_eps && a.scale == b.scale && a.group_size == b.group_size && a.bits == b.bits;
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("[decode_block] " + what);
+}
+
+void require_contiguous(const std::vector<mx::array>& inputs, int from) {
+  for (size_t at = from; at < inputs.size(); ++at) {
+    if (!inputs[at].flags().row_contiguous) {
+      throw std::invalid_argument("[decode_block] input " + std::to_string(at) + " must be row-contiguous");
+    }
+  }
+}
+
+std::vector<mx::array> weak(const std::vector<mx::array>& arrays) {
+  std::vector<mx::array> out;
+  for (const auto& a : arrays) out.push_back(mx::array::unsafe_weak_copy(a));
+  return out;
+}
+
+// x may be any view of D floats
+void gather(const mx::array& x, float* dst) {
+  const float* src = x.data<float>();
+  const int64_t stride = x.strides().back();
+  for (int i = 0, n = x.shape(-1); i < n; ++i) dst[i] = src[i * stride];
+}
+
+} // namespace
+
+std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockShape& s, int offset) {
+  require(inputs.size() == COUNT, "expected " + std::to_string(COUNT) + " inputs");
+  const auto& x = inputs[X];
+  require(x.dtype() == mx::float32 && x.size() == static_cast<size_t>(x.shape(-1)), "x must be float32 (1, 1, D)");
+  const int D = x.shape(-1), H = s.n_heads, Hkv = s.n_kv_heads, Dh = s.head_dim;
+  require(H > 0 && Hkv > 0 && H % Hkv == 0 && Dh > 0 && Dh % 2 == 0, "bad head counts");
+  for (int p = 0; p < 4; ++p) {
+    const int at = (int[]){QKV, O, GATE_UP, DOWN}[p];
+    require(inputs[at].dtype() == mx::uint32 && inputs[at].ndim() == 2, "weights must be 2-D uint32");
+    require(scale_supported(inputs[at + 1].dtype()) && inputs[at + 2].dtype() == inputs[at + 1].dtype(),
+            "scales and biases must be float32, float16 or bfloat16, both the same");
+    require(s.bits[p] == 2 || s.bits[p] == 4 || s.bits[p] == 8, "bits must be 2, 4 or 8");
+    const int k = inputs[at].shape(1) * 32 / s.bits[p];
+    require(k % s.group_size[p] == 0 && inputs[at + 1].shape(1) == k / s.group_size[p] &&
+                inputs[at + 1].shape() == inputs[at + 2].shape() && inputs[at + 1].shape(0) == inputs[at].shape(0),
+            "scales do not match the weights");
+  }
+  const auto k_of = [&](int at, int p) { return inputs[at].shape(1) * 32 / s.bits[p]; };
+  require(k_of(QKV, 0) == D && inputs[QKV].shape(0) == (H + 2 * Hkv) * Dh, "qkv_proj has the wrong shape");
+  require(k_of(O, 1) == H * Dh && inputs[O].shape(0) == D, "o_proj has the wrong shape");
+  require(k_of(GATE_UP, 2) == D && inputs[GATE_UP].shape(0) % 2 == 0, "gate_up_proj has the wrong shape");
+  require(k_of(DOWN, 3) == inputs[GATE_UP].shape(0) / 2 && inputs[DOWN].shape(0) == D, "down_proj has the wrong shape");
+  for (int at : {NORM_IN, NORM_POST}) {
+    require(inputs[at].dtype() == mx::float32 && inputs[at].size() == static_cast<size_t>(D),
+            "norm weights must be (D,) float32");
+  }
+  for (int at : {KEYS, VALUES}) {
+    const auto& c = inputs[at];
+    require(c.dtype() == mx::float32 && c.ndim() == 4 && c.shape(0) == 1 && c.shape(1) == Hkv && c.shape(3) == Dh,
+            "the KV cache must be float32 (1, Hkv, capacity, Dh)");
+    require(offset >= 0 && offset < c.shape(2), "offset outside the KV cache");
+  }
+  for (int at : {COS, SIN}) {
+    require(inputs[at].dtype() == mx::float32 && inputs[at].size() == static_cast<size_t>(Dh),
+            "rope rows must be (Dh,) float32");
+  }
+  auto stream = mx::default_stream(mx::Device(mx::Device::cpu));
+  auto qkv = mx::array({(H + 2 * Hkv) * Dh}, mx::float32, std::make_shared<DecodeQKV>(stream, s),
+                       {x, inputs[NORM_IN], inputs[QKV], inputs[QKV + 1], inputs[QKV + 2], inputs[COS], inputs[SIN]});
+  auto keys = mx::array(inputs[KEYS].shape(), mx::float32, std::make_shared<CacheWrite>(stream, H, offset),
+                        {inputs[KEYS], qkv});
+  auto values = mx::array(inputs[VALUES].shape(), mx::float32, std::make_shared<CacheWrite>(stream, H + Hkv, offset),
+                          {inputs[VALUES], qkv});
+  std::vector<mx::array> rest{x, qkv, keys, values};
+  for (int at = O; at < KEYS; ++at) rest.push_back(inputs[at]);
+  auto out = mx::array(x.shape(), mx::float32, std::make_shared<DecodeRest>(stream, s, offset), std::move(rest));
+  return {out, keys, values};
+}
+
+// DecodeQKV: inputs x, norm, w, scales, biases, cos, sin
+void DecodeQKV::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  require_contiguous(inputs, 1);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  encoder.dispatch([in = weak(inputs), out = mx::array::unsafe_weak_copy(out), s = shape_]() mutable {
+    const int D = in[0].shape(-1), Dh = s.head_dim;
+    thread_local std::vector<float> xs, h, tmp;
+    xs.resize(D), h.resize(D), tmp.resize(Dh);
+    gather(in[0], xs.data());
+    rms_norm(xs.data(), in[1].data<float>(), s.norm_eps, h.data(), D);
+    const Proj qkv = proj(in, 2, s.group_size[0], s.bits[0]);
+    float* y = out.data<float>(); // [q (H Dh) | k (Hkv Dh) | v (Hkv Dh)]
+    matvec(qkv, h.data(), y);
+    for (int head = 0; head < s.n_heads + s.n_kv_heads; ++head) {
+      rope(y + head * Dh, in[5].data<float>(), in[6].data<float>(), Dh, tmp.data());
+    }
+  });
+}
+
+// CacheWrite: inputs cache (1, Hkv, C, Dh), qkv
+void CacheWrite::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& cache = inputs[0];
+  require_contiguous(inputs, 0);
+  const bool copy = !cache.is_donatable();
+  if (copy) {
+    cache_copies.fetch_add(1);
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+  } else {
+    out.copy_shared_buffer(cache);
+  }
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  encoder.dispatch([in = weak(inputs), out = mx::array::unsafe_weak_copy(out), copy, first = first_head_,
+                    offset = offset_]() mutable {
+    float* dst = out.data<float>();
+    if (copy) std::memcpy(dst, in[0].data<float>(), in[0].nbytes());
+    const int Hkv = in[0].shape(1), C = in[0].shape(2), Dh = in[0].shape(3);
+    const float* src = in[1].data<float>() + static_cast<size_t>(first) * Dh;
+    for (int kh = 0; kh < Hkv; ++kh) {
+      std::memcpy(dst + (static_cast<size_t>(kh) * C + offset) * Dh, src + kh * Dh, sizeof(float) * Dh);
+    }
+  });
+}
+
+// DecodeRest: inputs x, qkv, keys, values, o w/s/b, post_norm, gate_up w/s/b, down w/s/b
+void DecodeRest::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  require_contiguous(inputs, 1);
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  encoder.dispatch([in = weak(inputs), out = mx::array::unsafe_weak_copy(out), s = shape_,
+                    offset = offset_]() mutable {
+    const int D = in[0].shape(-1), H = s.n_heads, Hkv = s.n_kv_heads, Dh = s.head_dim, C = in[2].shape(2);
+    const size_t plane = static_cast<size_t>(C) * Dh; // one KV head's buffer
+    const Proj o = proj(in, 4, s.group_size[1], s.bits[1]), gate_up = proj(in, 8, s.group_size[2], s.bits[2]),
+               down = proj(in, 11, s.group_size[3], s.bits[3]);
+    const int F = gate_up.n / 2;
+    thread_local std::vector<float> xs, h, att, gu, tmp;
+    xs.resize(D), h.resize(D), tmp.resize(D), att.resize(static_cast<size_t>(H) * Dh), gu.resize(gate_up.n);
+    gather(in[0], xs.data());
+
+    // attention over positions 0 .. offset; (pointers, not the thread_local vectors: a worker
+    // thread would see its own, empty ones)
+    const float* q = in[1].data<float>();
+    const float* keys = in[2].data<float>();
+    const float* values = in[3].data<float>();
+    float* att_out = att.data();
+    const int n = offset + 1, rep = H / Hkv;
+    const float scale = s.scale;
+    auto head_task = [=](int head) {
+      thread_local std::vector<float> sc;
+      sc.resize(n);
+      const int kh = head / rep;
+      attend(q + head * Dh, keys + kh * plane, values + kh * plane, n, Dh, scale, sc.data(), att_out + head * Dh);
+    };
+    if (static_cast<size_t>(n) * H * Dh >= (1 << 16) && detail::pool_threads() > 1) {
+      detail::parallel_for(H, head_task);
+    } else {
+      for (int head = 0; head < H; ++head) head_task(head);
+    }
+    matvec(o, att.data(), tmp.data());
+    for (int i = 0; i < D; ++i) xs[i] += tmp[i];
+
+    // MLP
+    rms_norm(xs.data(), in[7].data<float>(), s.norm_eps, h.data(), D);
+    matvec(gate_up, h.data(), gu.data()); // [gate (F) | up (F)]
+    for (int i = 0; i < F; ++i) {
+      const float g = gu[i];
+      gu[i] = g / (1.f + std::exp(-g)) * gu[F + i];
+    }
+    float* result = out.data<float>();
+    matvec(down, gu.data(), result);
+    for (int i = 0; i < D; ++i) result[i] += xs[i];
+  });
+}
+
+void DecodeQKV::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[decode_block] runs on the CPU only");
+}
+void CacheWrite::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[decode_block] runs on the CPU only");
+}
+void DecodeRest::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("[decode_block] runs on the CPU only");
+}
+
+bool DecodeQKV::is_equivalent(const mx::Primitive& other) const {
+  return same(shape_, static_cast<const DecodeQKV&>(other).shape_);
+}
+bool CacheWrite::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const CacheWrite&>(other);
+  return first_head_ == o.first_head_ && offset_ == o.offset_;
+}
+bool DecodeRest::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const DecodeRest&>(other);
+  return offset_ == o.offset_ && same(shape_, o.shape_);
+}
+
+} // namespace mlxllama
