@@ -18,7 +18,7 @@ from .memory import peak_memory_gb
 from .prefill import prefill  # noqa: F401  (re-exported: part of the public module)
 from .models import Model, make_cache
 from .models.cache import QuantizedKVCache, check_kv_quantization, maybe_quantize
-from .sample import Processor, Sampler, make_logits_processors, make_sampler
+from .sample import Processor, Sampler, greedy, make_logits_processors, make_sampler
 
 
 @dataclass
@@ -102,6 +102,8 @@ def generate_step(
             for p in processors:
                 logits = p(history, logits)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if sampler is greedy:  # the same token without V exps (logprobs stay lazy: computed if read)
+            return mx.argmax(logits, axis=-1), logprobs.squeeze(0)
         return sampler(logprobs), logprobs.squeeze(0)
 
     y = prefill(model, prompt.astype(mx.int32), cache, prefill_step_size,
@@ -109,7 +111,7 @@ def generate_step(
     if processors:
         history = prompt[: prompt.size - y.size]
     y, logprobs = step(y)
-    mx.async_eval(y, logprobs)
+    mx.async_eval(y)
     if compiled is None:
         compiled = device.compiled_step_default()
     if compiled and prompt_cache is None and max_kv_size is None and kv_bits is None and max_tokens > 1:
@@ -121,7 +123,7 @@ def generate_step(
     while True:
         if n != max_tokens:
             next_y, next_logprobs = step(y)
-            mx.async_eval(next_y, next_logprobs)
+            mx.async_eval(next_y)
         if n == 0:
             mx.eval(y)
         if n == max_tokens:

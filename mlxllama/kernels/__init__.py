@@ -110,43 +110,75 @@ def _kernel_linear(m) -> bool:
     return m["scales"].dtype in SCALE_DTYPES and m["biases"].dtype == m["scales"].dtype
 
 
-def decode_block(block, x: mx.array, cache, rope_rows) -> mx.array | None:
-    """A Llama-family TransformerBlock (stacked projections, kernel-quantized, no biases) for one
-    token (x (1, 1, D) float32) with a KVCache, as one fused CPU operation that also writes the
-    token's key and value into the cache; None when the block or its inputs are of another kind
-    (the caller then runs it operation by operation)."""
-    if _qmm is None or x.dtype != mx.float32 or x.shape[0] != 1 or x.shape[1] != 1 or rope_rows is None:
+def _block_weights(block):
+    """(weights, group sizes, bits) of a TransformerBlock the fused decode runs, or None. (Modules
+    are dicts: plain lookups here, as this runs for every block at every token.)"""
+    attn, mlp = block.get("self_attn"), block.get("mlp")
+    norm_in, norm_post = block.get("input_layernorm"), block.get("post_attention_layernorm")
+    if attn is None or mlp is None or norm_in is None or norm_post is None or norm_in.eps != norm_post.eps:
         return None
-    attn, mlp = block.self_attn, block.mlp
-    norm_in, norm_post = block.input_layernorm, block.post_attention_layernorm
-    if "qkv_proj" not in attn or "gate_up_proj" not in mlp or norm_in.eps != norm_post.eps:
+    projs = (attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"), mlp.get("down_proj"))
+    weights = [norm_in.get("weight")]
+    for i, p in enumerate(projs):
+        if type(p) is not KernelQuantizedLinear or "bias" in p:
+            return None
+        scales, biases = p.get("scales"), p.get("biases")
+        if biases is None or scales.dtype not in SCALE_DTYPES or biases.dtype != scales.dtype:
+            return None
+        if i == 2:
+            weights.append(norm_post.get("weight"))
+        weights += [p.get("weight"), scales, biases]
+    if weights[0] is None or weights[7] is None or weights[0].dtype != mx.float32 or weights[7].dtype != mx.float32:
         return None
-    projs = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if not all(_kernel_linear(p) for p in projs) or norm_in.weight.dtype != mx.float32:
+    return weights, [p.group_size for p in projs], [p.bits for p in projs]
+
+
+def decode_layers(blocks, x: mx.array, caches, rope_rows) -> mx.array | None:
+    """Llama-family TransformerBlocks (stacked projections, kernel-quantized, no biases) for one
+    token (x (1, 1, D) float32) with plain KVCaches, as 3 native CPU operations per block that also
+    write the token's keys and values into the caches; None when a block or the inputs are of
+    another kind (the caller then runs the blocks operation by operation)."""
+    if _qmm is None or x.dtype != mx.float32 or x.shape[:2] != (1, 1) or rope_rows is None or not blocks:
         return None
+    attn = blocks[0].self_attn
     H, Hkv = attn.n_heads, attn.n_kv_heads
-    Dh = attn.qkv_proj.weight.shape[0] // (H + 2 * Hkv)
     cos, sin = rope_rows
-    if cos.dtype != mx.float32 or cos.size != Dh:
+    Dh = cos.size
+    if cos.dtype != mx.float32 or sin.dtype != mx.float32:
         return None
-    if cache.keys is None or cache.offset >= cache.keys.shape[2]:
-        grow = mx.zeros((1, Hkv, 1, Dh), mx.float32)
-        cache._grow(grow, grow, 1)
-    if cache.keys.dtype != mx.float32 or cache.keys.shape[0] != 1:
-        return None
-    inputs = [x, norm_in.weight]
-    for p in projs[:2]:
-        inputs += [p["weight"], p["scales"], p["biases"]]
-    inputs.append(norm_post.weight)
-    for p in projs[2:]:
-        inputs += [p["weight"], p["scales"], p["biases"]]
-    inputs += [cache.keys, cache.values, cos, sin]
-    out, cache.keys, cache.values = _qmm.decode_block(
-        inputs, H, Hkv, Dh, norm_in.eps, attn.scale, [p.group_size for p in projs], [p.bits for p in projs],
-        cache.offset)
-    del inputs  # the old cache buffers: now held by the graph only, so the kernel writes them in place
-    cache.offset += 1
-    return out
+    layers, group_sizes, bits = [], [], []
+    for block in blocks:
+        found = _block_weights(block)
+        a = block.self_attn
+        if found is None or (a.n_heads, a.n_kv_heads, a.scale) != (H, Hkv, attn.scale):
+            return None
+        layers.append(found[0])
+        group_sizes.append(found[1])
+        bits.append(found[2])
+    offset = caches[0].offset
+    for c in caches:
+        if c.offset != offset or (c.keys is not None and (c.keys.dtype != mx.float32 or c.keys.shape[0] != 1)):
+            return None
+    for c in caches:
+        if c.keys is None or offset >= c.keys.shape[2]:
+            grow = mx.zeros((1, Hkv, 1, Dh), mx.float32)
+            c._grow(grow, grow, 1)
+    keys, values = [c.keys for c in caches], [c.values for c in caches]
+    for c in caches:
+        c.keys = c.values = None  # the old buffers: held by the graph only, so they are written in place
+    try:
+        outs = _qmm.decode_layers(x, layers, keys, values, cos, sin, H, Hkv, Dh,
+                                  blocks[0].input_layernorm.eps, attn.scale, group_sizes, bits, offset)
+    except BaseException:
+        for c, k, v in zip(caches, keys, values):
+            c.keys, c.values = k, v
+        raise
+    del keys, values
+    L = len(blocks)
+    for c, k, v in zip(caches, outs[1 : 1 + L], outs[1 + L :]):
+        c.keys, c.values = k, v
+        c.offset += 1
+    return outs[0]
 
 
 def use_kernel(model: nn.Module, scale_dtype: mx.Dtype | None = None) -> int:

@@ -21,15 +21,22 @@ NB_MODULE(_qmm, m) {
         "Rows up to which the vector kernel runs; more take dequantized tiles + sgemm.");
   m.def("threads", &mlxllama::qmm_threads);
   m.def(
-      "decode_block",
-      [](const std::vector<mlxllama::mx::array>& inputs, int n_heads, int n_kv_heads, int head_dim, float norm_eps,
-         float scale, std::array<int, 4> group_size, std::array<int, 4> bits, int offset) {
-        return mlxllama::decode_block(inputs, {n_heads, n_kv_heads, head_dim, norm_eps, scale, group_size, bits},
-                                      offset);
+      "decode_layers",
+      [](const mlxllama::mx::array& x, const std::vector<std::vector<mlxllama::mx::array>>& layers,
+         const std::vector<mlxllama::mx::array>& keys, const std::vector<mlxllama::mx::array>& values,
+         const mlxllama::mx::array& cos, const mlxllama::mx::array& sin, int n_heads, int n_kv_heads, int head_dim,
+         float norm_eps, float scale, const std::vector<std::array<int, 4>>& group_size,
+         const std::vector<std::array<int, 4>>& bits, int offset) {
+        std::vector<mlxllama::BlockShape> shapes;
+        for (size_t i = 0; i < group_size.size() && i < bits.size(); ++i) {
+          shapes.push_back({n_heads, n_kv_heads, head_dim, norm_eps, scale, group_size[i], bits[i]});
+        }
+        return mlxllama::decode_layers(x, layers, keys, values, cos, sin, shapes, offset);
       },
-      "inputs"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "norm_eps"_a, "scale"_a, "group_size"_a, "bits"_a,
-      "offset"_a, "One transformer block for one token (decode.h): [out, keys, values].");
+      "x"_a, "layers"_a, "keys"_a, "values"_a, "cos"_a, "sin"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a,
+      "norm_eps"_a, "scale"_a, "group_size"_a, "bits"_a, "offset"_a,
+      "The model's blocks for one token (decode.h): [out, keys..., values...].");
   m.def("decode_cache_copies", &mlxllama::decode_cache_copies,
-        "How often decode_block copied a KV cache buffer instead of writing it in place.");
+        "How often decode_layers copied a KV cache buffer instead of writing it in place.");
   m.def("set_threads", &mlxllama::set_qmm_threads, "n"_a, "Threads for the kernel (0: one per available core).");
 }

@@ -1,4 +1,4 @@
-// One transformer block of a Llama-family model for one new token, as four CPU primitives:
+// The transformer blocks of a Llama-family model for one new token, each as CPU primitives:
 //   qkv    = rope(qkv_proj(rms_norm(x)))                     DecodeQKV   (q and k rotated)
 //   keys   = keys with qkv's key written at `offset`         CacheWrite  (the buffer reused when
 //   values = values with qkv's value written at `offset`     CacheWrite   nothing else holds it)
@@ -11,6 +11,7 @@
 #pragma once
 
 #include <array>
+#include <optional>
 
 #include "mlx/mlx.h"
 #include "mlx/primitives.h"
@@ -25,11 +26,16 @@ struct BlockShape {
   std::array<int, 4> group_size, bits; // qkv, o, gate_up, down
 };
 
-// inputs: x (1, 1, D); input_norm (D); qkv w/scales/biases; o w/s/b; post_norm (D); gate_up w/s/b;
-// down w/s/b; keys, values (1, Hkv, C, Dh); cos, sin (Dh) (sin with the rotation's sign folded in,
-// models/host_ops.py's RopeTable). Returns [out (1, 1, D), keys, values]: the caches with the new
-// position written.
-std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockShape& shape, int offset);
+// All blocks of a model for one token. x (1, 1, D); per layer: input_norm (D), qkv w/scales/biases,
+// o w/s/b, post_norm (D), gate_up w/s/b, down w/s/b; keys[i], values[i] (1, Hkv, C, Dh); the
+// token's rotary rows cos, sin (Dh) (sin with the rotation's sign folded in, models/host_ops.py).
+// Returns [out (1, 1, D), keys..., values...]: the caches with the new position written. Each block
+// but the last also computes the next one's q, k, v (its output is [x | qkv]), so a model of L
+// layers is 3 L + 1 operations.
+std::vector<mx::array> decode_layers(const mx::array& x, const std::vector<std::vector<mx::array>>& layers,
+                                     const std::vector<mx::array>& keys, const std::vector<mx::array>& values,
+                                     const mx::array& cos, const mx::array& sin, const std::vector<BlockShape>& shapes,
+                                     int offset);
 
 // How many times a cache buffer had to be copied because something else held it (tests, profiling).
 int64_t decode_cache_copies();
@@ -50,9 +56,8 @@ class DecodeQKV : public mx::UnaryPrimitive {
 
 class CacheWrite : public mx::UnaryPrimitive {
  public:
-  // writes heads first_head .. first_head + Hkv - 1 of qkv at position offset
-  CacheWrite(mx::Stream stream, int first_head, int offset)
-      : mx::UnaryPrimitive(stream), first_head_(first_head), offset_(offset) {}
+  // writes Hkv rows of Dh floats of the source, from element `first`, at position offset
+  CacheWrite(mx::Stream stream, int first, int offset) : mx::UnaryPrimitive(stream), first_(first), offset_(offset) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
@@ -61,13 +66,15 @@ class CacheWrite : public mx::UnaryPrimitive {
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
-  int first_head_, offset_;
+  int first_, offset_;
 };
 
 class DecodeRest : public mx::UnaryPrimitive {
  public:
-  DecodeRest(mx::Stream stream, BlockShape shape, int offset)
-      : mx::UnaryPrimitive(stream), shape_(shape), offset_(offset) {}
+  // x at the start of input 0, q, k, v from element qkv_at of input 1; next: the following block's
+  // shape when this one also computes its q, k, v
+  DecodeRest(mx::Stream stream, BlockShape shape, std::optional<BlockShape> next, int offset, int qkv_at)
+      : mx::UnaryPrimitive(stream), shape_(shape), next_(next), offset_(offset), qkv_at_(qkv_at) {}
   void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
   const char* name() const override {
@@ -77,7 +84,8 @@ class DecodeRest : public mx::UnaryPrimitive {
 
  private:
   BlockShape shape_;
-  int offset_;
+  std::optional<BlockShape> next_;
+  int offset_, qkv_at_;
 };
 
 } // namespace mlxllama

@@ -86,10 +86,14 @@ class Pool {
       for (int i = 0; i < tasks; ++i) f(i);
       return;
     }
+    if (tasks > kMaxTasks) {
+      for (int i = 0; i < tasks; ++i) f(i);
+      return;
+    }
     job_ = &f;
-    tasks_.store(tasks);
     done_.store(0);
-    next_.store(0, std::memory_order_release);
+    job_id_ = (job_id_ + 1) & kIdMask;
+    claim_.store(job_id_ << (2 * kIndexBits) | static_cast<uint64_t>(tasks) << kIndexBits, std::memory_order_release);
     generation_.fetch_add(1);
     if (sleeping_.load() > 0) {
       { std::lock_guard<std::mutex> lk(mu_); }
@@ -114,10 +118,18 @@ class Pool {
 #endif
   }
 
+  // Takes tasks of the current job until none is left. A task is claimed by one compare-exchange on
+  // claim_ (job id | task count | next index), so a thread that arrives late, when that job is over
+  // and another is being set up, cannot take (or skip) a task of the new one by mistake.
   void work() {
-    for (int i; (i = next_.fetch_add(1, std::memory_order_acq_rel)) < tasks_.load();) {
-      (*job_)(i);
-      done_.fetch_add(1, std::memory_order_release);
+    constexpr uint64_t mask = (uint64_t{1} << kIndexBits) - 1;
+    uint64_t c = claim_.load(std::memory_order_acquire);
+    while ((c & mask) < ((c >> kIndexBits) & mask)) {
+      if (claim_.compare_exchange_weak(c, c + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        (*job_)(static_cast<int>(c & mask));
+        done_.fetch_add(1, std::memory_order_release);
+        c = claim_.load(std::memory_order_acquire);
+      }
     }
   }
 
@@ -155,7 +167,12 @@ class Pool {
   std::mutex run_mu_, mu_;
   std::condition_variable cv_;
   const std::function<void(int)>* job_ = nullptr;
-  std::atomic<int> tasks_{0}, next_{0}, done_{0}, sleeping_{0};
+  static constexpr int kIndexBits = 20;
+  static constexpr int kMaxTasks = (1 << kIndexBits) - 1;
+  static constexpr uint64_t kIdMask = (uint64_t{1} << (64 - 2 * kIndexBits)) - 1;
+  uint64_t job_id_ = 0; // the caller's count of jobs (run() runs one job at a time)
+  std::atomic<uint64_t> claim_{0};
+  std::atomic<int> done_{0}, sleeping_{0};
   std::atomic<uint64_t> generation_{0};
   std::atomic<bool> stop_{false};
 };
@@ -369,7 +386,7 @@ struct Avx2 {
 //   bias together); x * w accumulates over the whole row.
 // - factored (8 bits, AVX2): sum_k x q accumulates per group, then s times that plus b times the
 //   group's sum of x.
-template <class V, int BITS, int MB, int NR>
+template <class V, int BITS, int MB, int NR, int CH>
 [[gnu::always_inline]] inline void rows_block(const Args& a, int m0, int n, const float* sc, const float* bi) {
   // sc, bi: the NR rows' scales and biases as float32, (NR, G)
   using F = typename V::F;
@@ -377,7 +394,7 @@ template <class V, int BITS, int MB, int NR>
   constexpr int P = 8 / BITS, HALVES = 16 / V::W; // vectors per 16-byte run of weights
   constexpr bool LUT = V::kTable && BITS <= 4;
   const I mask = V::set1i((1 << BITS) - 1);
-  const int chunks = a.group_size / (16 * P);
+  constexpr int chunks = CH; // 16-byte runs of weights per group, fixed so the group loop unrolls
   const size_t row_bytes = static_cast<size_t>(a.K) * BITS / 8;
   const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
   const size_t K = a.K;
@@ -440,39 +457,45 @@ template <class V, int BITS, int MB, int NR>
       a.out[static_cast<size_t>(m0 + m) * a.N + n + r] = V::sum(tot[r][m]) + bsum[r][m];
 }
 
-template <class V, int BITS, int MB>
+template <class V, int BITS, int MB, int CH>
 [[gnu::always_inline]] inline void rows_simd(const Args& a, int m0, int n0, int n1) {
   constexpr int NR = MB == 1 ? 4 : MB == 2 ? 2 : 1;
   int n = n0;
-  // scales and biases of the rows in float32: the data itself, or widened NR rows at a time
+  // scales and biases of the rows in float32: the data itself, or widened 64 rows at a time
+  constexpr int CHUNK = 64; // a multiple of NR
   const bool wide = a.st == ScaleType::f32;
   thread_local std::vector<float> buf;
-  if (!wide) buf.resize(static_cast<size_t>(2) * NR * a.G);
-  auto rows = [&](int first, int count) -> std::pair<const float*, const float*> {
-    const size_t at = static_cast<size_t>(first) * a.G, len = static_cast<size_t>(count) * a.G;
-    if (wide) return {static_cast<const float*>(a.scales) + at, static_cast<const float*>(a.biases) + at};
-    V::widen(a.scales, a.st, at, len, buf.data());
-    V::widen(a.biases, a.st, at, len, buf.data() + len);
-    return {buf.data(), buf.data() + len};
-  };
-  for (; n + NR <= n1; n += NR) {
-    const auto [sc, bi] = rows(n, NR);
-    rows_block<V, BITS, MB, NR>(a, m0, n, sc, bi);
-  }
-  for (; n < n1; ++n) {
-    const auto [sc, bi] = rows(n, 1);
-    rows_block<V, BITS, MB, 1>(a, m0, n, sc, bi);
+  if (!wide) buf.resize(static_cast<size_t>(2) * CHUNK * a.G);
+  for (int c0 = n0; c0 < n1; c0 += CHUNK) {
+    const int c1 = std::min(n1, c0 + CHUNK);
+    const size_t at = static_cast<size_t>(c0) * a.G, len = static_cast<size_t>(c1 - c0) * a.G;
+    const float* sc = static_cast<const float*>(a.scales) + at;
+    const float* bi = static_cast<const float*>(a.biases) + at;
+    if (!wide) {
+      V::widen(a.scales, a.st, at, len, buf.data());
+      V::widen(a.biases, a.st, at, len, buf.data() + len);
+      sc = buf.data(), bi = buf.data() + len;
+    }
+    int n = c0;
+    for (; n + NR <= c1; n += NR) {
+      const size_t r = static_cast<size_t>(n - c0) * a.G;
+      rows_block<V, BITS, MB, NR, CH>(a, m0, n, sc + r, bi + r);
+    }
+    for (; n < c1; ++n) {
+      const size_t r = static_cast<size_t>(n - c0) * a.G;
+      rows_block<V, BITS, MB, 1, CH>(a, m0, n, sc + r, bi + r);
+    }
   }
 }
 
-template <int BITS, int MB>
+template <int BITS, int MB, int CH>
 MLXLLAMA_AVX512 void rows_avx512(const Args& a, int m0, int n0, int n1) {
-  rows_simd<Avx512, BITS, MB>(a, m0, n0, n1);
+  rows_simd<Avx512, BITS, MB, CH>(a, m0, n0, n1);
 }
 
-template <int BITS, int MB>
+template <int BITS, int MB, int CH>
 MLXLLAMA_AVX2 void rows_avx2(const Args& a, int m0, int n0, int n1) {
-  rows_simd<Avx2, BITS, MB>(a, m0, n0, n1);
+  rows_simd<Avx2, BITS, MB, CH>(a, m0, n0, n1);
 }
 #pragma GCC diagnostic pop
 #endif
@@ -502,34 +525,56 @@ const Isa kIsa = detect_isa();
 
 using RowsFn = void (*)(const Args&, int, int, int);
 
-template <int BITS, int MB>
-RowsFn pick_fixed() {
+// The vector loops are compiled for each (bits, rows, 16-byte runs per group): CH = group_size * bits / 128.
+template <int BITS, int CH>
+constexpr bool valid_runs() {
+  return CH * 128 % BITS == 0 && (CH * 128 / BITS == 32 || CH * 128 / BITS == 64 || CH * 128 / BITS == 128);
+}
+
+template <int BITS, int MB, int CH>
+RowsFn pick_simd() {
 #ifdef MLXLLAMA_X86
-  if (kIsa == Isa::avx512) return rows_avx512<BITS, MB>;
-  if (kIsa == Isa::avx2) return rows_avx2<BITS, MB>;
+  if constexpr (valid_runs<BITS, CH>()) {
+    if (kIsa == Isa::avx512) return rows_avx512<BITS, MB, CH>;
+    if (kIsa == Isa::avx2) return rows_avx2<BITS, MB, CH>;
+  }
 #endif
-  return rows_generic<BITS, MB>;
+  return nullptr;
+}
+
+template <int BITS, int MB>
+RowsFn pick_fixed(int runs) {
+  RowsFn f = nullptr;
+  switch (runs) {
+    case 1: f = pick_simd<BITS, MB, 1>(); break;
+    case 2: f = pick_simd<BITS, MB, 2>(); break;
+    case 4: f = pick_simd<BITS, MB, 4>(); break;
+    case 8: f = pick_simd<BITS, MB, 8>(); break;
+    default: break;
+  }
+  return f != nullptr ? f : rows_generic<BITS, MB>;
 }
 
 template <int BITS>
-RowsFn pick_rows(int mb) {
+RowsFn pick_rows(int mb, int runs) {
   switch (mb) {
-    case 1: return pick_fixed<BITS, 1>();
-    case 2: return pick_fixed<BITS, 2>();
-    case 3: return pick_fixed<BITS, 3>();
-    case 4: return pick_fixed<BITS, 4>();
-    case 5: return pick_fixed<BITS, 5>();
-    case 6: return pick_fixed<BITS, 6>();
-    case 7: return pick_fixed<BITS, 7>();
-    default: return pick_fixed<BITS, 8>();
+    case 1: return pick_fixed<BITS, 1>(runs);
+    case 2: return pick_fixed<BITS, 2>(runs);
+    case 3: return pick_fixed<BITS, 3>(runs);
+    case 4: return pick_fixed<BITS, 4>(runs);
+    case 5: return pick_fixed<BITS, 5>(runs);
+    case 6: return pick_fixed<BITS, 6>(runs);
+    case 7: return pick_fixed<BITS, 7>(runs);
+    default: return pick_fixed<BITS, 8>(runs);
   }
 }
 
-RowsFn pick(int bits, int mb) {
+RowsFn pick(int bits, int mb, int group_size) {
+  const int runs = group_size * bits / 128;
   switch (bits) {
-    case 2: return pick_rows<2>(mb);
-    case 4: return pick_rows<4>(mb);
-    default: return pick_rows<8>(mb);
+    case 2: return pick_rows<2>(mb, runs);
+    case 4: return pick_rows<4>(mb, runs);
+    default: return pick_rows<8>(mb, runs);
   }
 }
 
@@ -705,18 +750,21 @@ void run_dense(const Args& a, int bits) {
   }
 }
 
+
+
+constexpr int kSplit = 4; // tasks per thread and matmul: balance on a busy machine, little cost on a quiet one
 void run_kernel(const Args& a, int bits) {
   const int mb_max = max_block_rows();
   // Split columns so every thread gets several tasks; small problems run on one thread.
   const size_t work = static_cast<size_t>(a.N) * a.K * a.M;
   const int threads = work < (1 << 16) ? 1 : pool().threads();
-  const int per = std::max(4, (a.N + threads * 4 - 1) / (threads * 4) + 3 & ~3); // whole blocks of 4 columns
+  const int per = std::max(4, (a.N + threads * kSplit - 1) / (threads * kSplit) + 3 & ~3); // whole blocks of 4 columns
   const int tasks = (a.N + per - 1) / per;
   auto body = [&](int task) {
     const int n0 = task * per, n1 = std::min(a.N, n0 + per);
     for (int m0 = 0; m0 < a.M; m0 += mb_max) {
       const int mb = std::min(mb_max, a.M - m0);
-      pick(bits, mb)(a, m0, n0, n1);
+      pick(bits, mb, a.group_size)(a, m0, n0, n1);
     }
   };
   if (threads == 1) {

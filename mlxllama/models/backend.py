@@ -35,8 +35,9 @@ class Backend:
             return apply_rope_table(x, *rows).transpose(0, 2, 1, 3)
         return rope(x.transpose(0, 2, 1, 3), offset=offset)
 
-    def block(self, block: nn.Module, x: mx.array, mask, cache, rope_rows) -> mx.array | None:
-        """A whole TransformerBlock in one fused operation, or None: the block runs op by op."""
+    def layers(self, blocks: list, x: mx.array, mask, caches, rope_rows) -> mx.array | None:
+        """All the TransformerBlocks as fused operations (x (B, L, D) -> (B, L, D)), or None: the
+        blocks run op by op."""
         return None
 
     def attention(self, q: mx.array, k: mx.array, v: mx.array, scale: float, mask, cache) -> mx.array:
@@ -62,10 +63,10 @@ class CPUBackend(Backend):
             return None
         return self.table(offset, length, dtype)
 
-    def block(self, block, x, mask, cache, rope_rows):
-        # one-token decode with a plain KV cache: the native fused block (mlxllama.kernels)
-        if mask is None and type(cache) is KVCache and x.shape[1] == 1:
-            return kernels.decode_block(block, x, cache, rope_rows)
+    def layers(self, blocks, x, mask, caches, rope_rows):
+        # one-token decode with plain KV caches: the native fused blocks (mlxllama.kernels)
+        if mask is None and x.shape[1] == 1 and all(type(c) is KVCache for c in caches):
+            return kernels.decode_layers(blocks, x, caches, rope_rows)
         return None
 
     def attention(self, q, k, v, scale, mask, cache):

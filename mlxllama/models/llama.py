@@ -200,8 +200,6 @@ class TransformerBlock(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
 
     def __call__(self, x: mx.array, mask=None, cache=None, rope_rows=None) -> mx.array:
-        if cache is not None and (fused := self.self_attn.backend.block(self, x, mask, cache, rope_rows)) is not None:
-            return fused  # the whole block as one operation (CPU decode)
         h = x + self.self_attn(self.input_layernorm(x), mask, cache, rope_rows)
         return h + self.mlp(self.post_attention_layernorm(h), cache)
 
@@ -233,6 +231,8 @@ class LlamaModel(nn.Module):
 
     def __call__(self, tokens: mx.array, cache=None, mask=None, rope_rows=None) -> mx.array:
         h, cache, mask, rope_rows = self.prepare(tokens, cache, mask, rope_rows)
+        if cache[0] is not None and (fused := self.backend.layers(self.layers, h, mask, cache, rope_rows)) is not None:
+            return self.norm(fused)  # the blocks as native operations (CPU decode)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c, rope_rows)
         return self.norm(h)
