@@ -341,7 +341,10 @@ def test_cli_eval_qa(tiny_dir, tmp_path):
     report = json.loads(r.output)
     assert report["items"] == 2 and report["mode"] == "extractive"
     assert {"exact_match", "f1", "no_answer_accuracy", "answers_per_second"} <= set(report)
-    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 2
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert len(preds) == 2  # with what a rule needs to be re-applied offline
+    assert {"margin", "coverage", "sentence", "evidence", "chunks"} <= set(preds[0])
+    assert preds[0]["chunks"][0]["source"] and "end" in preds[0]["chunks"][0]
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     r = run("eval-qa", str(tmp_path / "broken.jsonl"), "--model", tiny_dir)
     assert isinstance(r.exception, InputError) and "not JSON" in str(r.exception)
