@@ -195,6 +195,18 @@ def test_extractive_never_invents_text(tiny, text):
         assert not result.answer.startswith("aris")
 
 
+def test_extractive_span_is_never_the_question_the_documents_quote(tiny):
+    _, tok = tiny
+    context = 'The form asks "Where is the office?" and the office is in Leeds. Where is the office? In Leeds.'
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Where is the office?")))
+    result = answer(model, tok, "where is  the office?", context, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer in context and "where is the office" not in result.answer.lower()
+    e = result.evidence
+    assert context[e["start"]:e["end"]] == result.answer
+    free = answer(model, tok, "Who?", context, extractive=True, no_answer_threshold=-1e9)
+    assert free.answer == "Where is the office?"  # other questions may still quote it
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_extractive_answers_are_substrings_with_sampling(tiny, seed):
     contexts = [CONTEXT, "Revenue: $4,260.00 (VAT 20%); due 3 March 2024!", "长城东起山海关，西至嘉峪关。"]

@@ -345,9 +345,12 @@ class QASession:
         with the no-answer phrase's first token)."""
         from .span import SpanConstraint, SpanContext
 
-        key = tuple((c.source, c.start, c.end) for c in chunks)
+        texts = [c.text for c in chunks]
+        quoted = " ".join(question.split()).lower()  # a span never is the question, where the documents quote it
+        quoted = quoted if any(quoted in " ".join(t.split()).lower() for t in texts) else None
+        key = (tuple((c.source, c.start, c.end) for c in chunks), quoted)
         if key not in self._span_contexts:
-            self._span_contexts = {key: SpanContext(self.tokenizer, [c.text for c in chunks])}
+            self._span_contexts = {key: SpanContext(self.tokenizer, texts, exclude=quoted)}
         context = self._span_contexts[key]
         margin = self._margin(step0, context.first_tokens(), na_lp, phrase)
         if self._rejects(margin):

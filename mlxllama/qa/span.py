@@ -63,14 +63,29 @@ class Span:
     text: str
 
 
-class SpanContext:
-    """The context side of the constraint, shared by every question about the same texts."""
+def masked(data: bytes, text: str | None) -> bytes:
+    """`data` with every occurrence of `text` (ASCII case ignored) overwritten by SEPARATOR bytes,
+    so no span holds it, and offsets stay the same."""
+    needle = " ".join((text or "").split()).encode("utf-8").lower()
+    if not needle:
+        return data
+    lower, out = data.lower(), bytearray(data)
+    i = lower.find(needle)
+    while i >= 0:
+        out[i : i + len(needle)] = SEPARATOR * len(needle)
+        i = lower.find(needle, i + len(needle))
+    return bytes(out)
 
-    def __init__(self, tokenizer, texts: list[str]):
+
+class SpanContext:
+    """The context side of the constraint, shared by every question about the same texts; text
+    equal to `exclude` (the question, where the documents quote it) is never part of a span."""
+
+    def __init__(self, tokenizer, texts: list[str], exclude: str | None = None):
         self.table = token_table(tokenizer)
         self.texts = texts
         self.encoded = [t.encode("utf-8") for t in texts]
-        self.data = SEPARATOR.join(self.encoded)
+        self.data = masked(SEPARATOR.join(self.encoded), exclude)
         self.bases = np.cumsum([0] + [len(b) + 1 for b in self.encoded])[:-1]  # byte start of each text
         arr = np.frombuffer(self.data, dtype=np.uint8)
         boundary = ((arr & 0xC0) != 0x80) & (arr != 0xFF)
