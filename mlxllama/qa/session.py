@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
 from ..models.cache import maybe_quantize
-from .concise import concise_answer, grounded
+from .concise import command_answer, concise_answer, grounded
 from .context import ContextLike, as_documents
 from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
@@ -331,11 +331,22 @@ class QASession:
             self._rewind()
             result = self._extract(question, chunks, last, step0, na_lp, phrase, None)
             result.extractive, result.margin = False, margin
+            plain = self.concise and not result.no_answer and self._command(question, chunks, "") is None
+            short = concise_answer(result.answer, question, passages) if plain else None
+            found = self._evidence(short, chunks) if short else None
+            if found is not None and found["text"].lower() == short.lower():  # the span, too, without what restates the question
+                result.sentence, result.answer, result.evidence = result.answer, short, found
             if on_text and not result.no_answer:
                 on_text(("\n" if shown else "") + result.answer)
             return result
         if not answer or is_no_answer(answer):
             return self._no_answer(question, margin, n)
+        command = self._command(question, chunks, answer) if self.concise else None
+        if command is not None:
+            if on_text and command["text"] not in answer:  # the sentence streamed; the command follows it
+                on_text((" " if shown else "") + command["text"])
+            return Answer(question, command["text"], False, command, score, generation_tokens=n, margin=margin,
+                          sentence=answer)
         short = concise_answer(answer, question, passages) if self.concise else None
         return Answer(question, short or answer, False, self._evidence(short or answer, chunks), score,
                       generation_tokens=n, margin=margin, sentence=answer if short else None)
@@ -367,7 +378,13 @@ class QASession:
                 tokens.append(r.token)
         self._rewind()
         span, span_lp, n = shortest_span(context, constraint, tokens, eos, self._score_text, last)
-        if span is None:
+        command = self._command(question, chunks, span.text if span else "")
+        if command is not None:  # a procedure asked for: the command the passages give for it
+            result = Answer(question, command["text"], False, command, 0.0, extractive=True,
+                            generation_tokens=len(tokens), margin=margin)
+            lp, n = self._score_text(last, command["text"])
+            result.score = math.exp(lp / n) if n else 0.0
+        elif span is None:
             result = self._no_answer(question, margin, len(tokens))
         else:
             chunk = chunks[span.chunk]
@@ -393,6 +410,16 @@ class QASession:
         return total, len(targets)
 
     # -- evidence for generated answers -------------------------------------------------------------
+
+    def _command(self, question: str, chunks: list[Chunk], said: str) -> dict | None:
+        """For a question asking how to do something, the evidence of the command (a code span of
+        the passages) that answers it, or None (see concise.command_answer)."""
+        found = command_answer(question, [c.text for c in chunks], said)
+        if found is None:
+            return None
+        i, a, b = found
+        chunk = chunks[i]
+        return {"source": chunk.source, "start": chunk.start + a, "end": chunk.start + b, "text": chunk.text[a:b]}
 
     def _evidence(self, answer: str, chunks: list[Chunk]) -> dict | None:
         """Where a generated answer is found in the passages: verbatim if possible, else the sentence
