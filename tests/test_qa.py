@@ -203,7 +203,7 @@ def test_extractive_span_is_never_the_question_the_documents_quote(tiny):
     assert result.answer in context and "where is the office" not in result.answer.lower()
     e = result.evidence
     assert context[e["start"]:e["end"]] == result.answer
-    free = answer(model, tok, "Who?", context, extractive=True, no_answer_threshold=-1e9)
+    free = answer(model, tok, "Who?", context, extractive=True, no_answer_threshold=-1e9, concise=False)
     assert free.answer == "Where is the office?"  # other questions may still quote it
 
 
@@ -460,6 +460,28 @@ def test_concise_answer_reads_a_list_item():
     steps = "1. Plug in the router.\n2. Wait until the status light turns solid green."
     assert concise_answer("1. The status light turns solid green.", "What colour does the status light turn?",
                           [steps]) == "solid green"
+
+
+def test_extractive_span_without_what_restates_the_question(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ada Lovelace was born on 10 December 1815")))
+    result = answer(model, tok, "When was Ada Lovelace born?", LOVELACE, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer == "10 December 1815" and result.sentence == "Ada Lovelace was born on 10 December 1815"
+    assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == result.answer == result.evidence["text"]
+    whole = answer(model, tok, "When was Ada Lovelace born?", LOVELACE, extractive=True, no_answer_threshold=-1e9,
+                   concise=False)
+    assert whole.answer == "Ada Lovelace was born on 10 December 1815" and whole.sentence is None
+
+
+def test_calibrated_rule_answers_even_when_the_model_says_no_answer(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Not mentioned in the context.")))
+    alone = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    assert alone.no_answer  # the model deciding alone
+    ruled = QASession(model, tok, LOVELACE, no_answer_threshold=-1e9).ask("When was Ada Lovelace born?")
+    assert not ruled.no_answer and ruled.answer in LOVELACE  # the rule said answer: the best span
+    e = ruled.evidence
+    assert LOVELACE[e["start"]:e["end"]] == ruled.answer
 
 
 def test_generated_answer_falling_back_to_a_span_is_shortened_too(tiny, monkeypatch):

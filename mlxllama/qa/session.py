@@ -42,8 +42,8 @@ DEFAULT_MAX_CONTEXT = 1500  # tokens of documents the model reads by default
 # confidence = margin + COVERAGE_WEIGHT * coverage; answer only when it reaches the threshold.
 # Chosen on the tuning split of examples/qa_dev.jsonl for the default 135M model (see docs/qa.md);
 # with larger models try a threshold of 0. None leaves the decision to the model alone.
-COVERAGE_WEIGHT = {"generative": 8.0, "extractive": 10.0}
-NO_ANSWER_THRESHOLD = {"generative": 1.0, "extractive": 3.5}
+COVERAGE_WEIGHT = {"generative": 17.5, "extractive": 18.5}
+NO_ANSWER_THRESHOLD = {"generative": 9.5, "extractive": 10.0}
 # an extractive span is trimmed to the shortest one whose log P(span + EOS) is within this of the best
 SPAN_MARGIN = 1.5
 _SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
@@ -326,16 +326,12 @@ class QASession:
         answer = text.strip().rstrip("\ufffd").strip()
         score = math.exp(logprob / n) if n else 0.0
         passages = [c.text for c in chunks]
-        if answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages)):
+        refused = judged and bool(answer) and is_no_answer(answer)  # the calibrated rule has decided to answer
+        if refused or (answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages))):
             # a question is no answer, nor text the documents do not hold: the best span instead
             self._rewind()
             result = self._extract(question, chunks, last, step0, na_lp, phrase, None)
             result.extractive, result.margin = False, margin
-            plain = self.concise and not result.no_answer and self._command(question, chunks, "") is None
-            short = concise_answer(result.answer, question, passages) if plain else None
-            found = self._evidence(short, chunks) if short else None
-            if found is not None and found["text"].lower() == short.lower():  # the span, too, without what restates the question
-                result.sentence, result.answer, result.evidence = result.answer, short, found
             if on_text and not result.no_answer:
                 on_text(("\n" if shown else "") + result.answer)
             return result
@@ -387,14 +383,28 @@ class QASession:
         elif span is None:
             result = self._no_answer(question, margin, len(tokens))
         else:
+            decoded = span
+            span = self._shorter_span(span, question, texts) if self.concise else span
             chunk = chunks[span.chunk]
             start, end = chunk.start + span.start, chunk.start + span.end
             evidence = {"source": chunk.source, "start": start, "end": end, "text": span.text}
             result = Answer(question, span.text, False, evidence, math.exp(span_lp / n) if n else 0.0,
-                            extractive=True, generation_tokens=len(tokens), margin=margin)
+                            extractive=True, generation_tokens=len(tokens), margin=margin,
+                            sentence=decoded.text if span is not decoded else None)
         if on_text:
             on_text(result.answer)
         return result
+
+    @staticmethod
+    def _shorter_span(span, question: str, texts: list[str]):
+        """The span without what restates the question (concise_answer), still an exact part of it."""
+        from .span import Span
+
+        short = concise_answer(span.text, question, texts)
+        i = span.text.find(short) if short else -1
+        if i < 0:
+            return span
+        return Span(span.chunk, span.start + i, span.start + i + len(short), short)
 
     def _score_text(self, last: int, text: str) -> tuple[float, int]:
         """(log P(text + EOS | prompt), tokens) with the cache at the question's last token; the
