@@ -55,7 +55,7 @@ def test_stemming_and_stopwords():
 
 def test_coverage_leaves_out_the_words_of_the_question_form():
     invoice = [Chunk("invoice.txt", 0, 40, "40 oak shelves at $85.00 each", heading="Invoice")]
-    assert question_terms("How long must the reset button be held?") == set(terms("must reset button held"))
+    assert question_terms("How long must the reset button be held?") == set(terms("reset button held"))
     assert coverage("How many oak shelves?", invoice) == 1.0  # "many" is the form, not the topic
     assert coverage("How much does one oak shelf cost?", invoice) == 0.5  # shelf ~ shelves; "one", "cost" absent
     assert coverage("What colour are the oak chairs?", invoice) == pytest.approx(1 / 3)

@@ -200,9 +200,10 @@ def heading_at(text: str, offset: int) -> str:
     return heading
 
 
-# words that belong to the question's form, not to what it is about: "how *long* must it be held",
+# words that belong to the question's form, not to what it is about: "how *long* *must* it be held",
 # "什么", "哪里": the passages holding the answer rarely hold them
 _ASKING = re.compile(r"\bhow\s+(?:many|much|long|old|high|large|big|far|often|tall|wide|deep|soon|heavy|fast)\b"
+                     r"|\b(?:must|would|could|might|shall)\b"
                      r"|什么|哪里|哪儿|哪些|哪个|哪一|哪|多少|多长|多高|多大|多久|多远|几|谁|吗|呢|怎么|怎样|如何|为什么|是否",
                      re.IGNORECASE)
 

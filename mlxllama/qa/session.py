@@ -42,8 +42,8 @@ DEFAULT_MAX_CONTEXT = 1500  # tokens of documents the model reads by default
 # confidence = margin + COVERAGE_WEIGHT * coverage; answer only when it reaches the threshold.
 # Chosen on the tuning split of examples/qa_dev.jsonl for the default 135M model (see docs/qa.md);
 # with larger models try a threshold of 0. None leaves the decision to the model alone.
-COVERAGE_WEIGHT = {"generative": 17.5, "extractive": 18.5}
-NO_ANSWER_THRESHOLD = {"generative": 9.5, "extractive": 10.0}
+COVERAGE_WEIGHT = {"generative": 17.5, "extractive": 17.5}
+NO_ANSWER_THRESHOLD = {"generative": 9.5, "extractive": 9.5}
 # an extractive span is trimmed to the shortest one whose log P(span + EOS) is within this of the best
 SPAN_MARGIN = 1.5
 _SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
