@@ -11,6 +11,7 @@ may end (EOS) only on a character boundary and not inside an ASCII word either.
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -146,6 +147,23 @@ class SpanContext:
         if not stripped:
             return None
         return Span(chunk, start + lead, start + lead + len(stripped), stripped)
+
+
+    def find(self, text: str) -> Span | None:
+        """The first occurrence of `text` in the texts, ignoring case and how whitespace is spelt,
+        that begins and ends where a span may (not inside an ASCII word, not in excluded text)."""
+        words = text.split()
+        if not words:
+            return None
+        lead = r"(?<![A-Za-z0-9])" if words[0][0].isascii() and words[0][0].isalnum() else ""
+        trail = r"(?![A-Za-z0-9])" if words[-1][-1].isascii() and words[-1][-1].isalnum() else ""
+        pattern = re.compile(lead + r"\s+".join(map(re.escape, words)) + trail, re.IGNORECASE)
+        for i, t in enumerate(self.texts):
+            for m in pattern.finditer(t):
+                base = int(self.bases[i]) + len(t[: m.start()].encode("utf-8"))
+                if SEPARATOR not in self.data[base : base + len(m.group().encode("utf-8"))]:
+                    return Span(i, m.start(), m.end(), m.group())
+        return None
 
 
 class SpanConstraint:
