@@ -195,6 +195,18 @@ def test_extractive_never_invents_text(tiny, text):
         assert not result.answer.startswith("aris")
 
 
+def test_extractive_span_is_never_the_question_the_documents_quote(tiny):
+    _, tok = tiny
+    context = 'The form asks "Where is the office?" and the office is in Leeds. Where is the office? In Leeds.'
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Where is the office?")))
+    result = answer(model, tok, "where is  the office?", context, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer in context and "where is the office" not in result.answer.lower()
+    e = result.evidence
+    assert context[e["start"]:e["end"]] == result.answer
+    free = answer(model, tok, "Who?", context, extractive=True, no_answer_threshold=-1e9, concise=False)
+    assert free.answer == "Where is the office?"  # other questions may still quote it
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_extractive_answers_are_substrings_with_sampling(tiny, seed):
     contexts = [CONTEXT, "Revenue: $4,260.00 (VAT 20%); due 3 March 2024!", "长城东起山海关，西至嘉峪关。"]
@@ -341,7 +353,10 @@ def test_cli_eval_qa(tiny_dir, tmp_path):
     report = json.loads(r.output)
     assert report["items"] == 2 and report["mode"] == "extractive"
     assert {"exact_match", "f1", "no_answer_accuracy", "answers_per_second"} <= set(report)
-    assert len((tmp_path / "preds.jsonl").read_text().splitlines()) == 2
+    preds = [json.loads(line) for line in (tmp_path / "preds.jsonl").read_text().splitlines()]
+    assert len(preds) == 2  # with what a rule needs to be re-applied offline
+    assert {"margin", "coverage", "sentence", "evidence", "chunks"} <= set(preds[0])
+    assert preds[0]["chunks"][0]["source"] and "end" in preds[0]["chunks"][0]
     (tmp_path / "broken.jsonl").write_text("{not json\n")
     r = run("eval-qa", str(tmp_path / "broken.jsonl"), "--model", tiny_dir)
     assert isinstance(r.exception, InputError) and "not JSON" in str(r.exception)
@@ -369,11 +384,26 @@ def test_default_model_answers_from_the_context(default_model_dir):
     assert "ruiz" in generated.answer.lower() and generated.evidence["text"] == "Ana Ruiz"
 
 
+@pytest.mark.slow
+def test_default_model_says_how_to_serve_the_api_from_the_readme(default_model_dir):
+    """The README's own example question: the command from the README's `serve` line, citing it."""
+    from mlxllama import load
+    from mlxllama.qa.retrieve import heading_at
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    model, tok = load(default_model_dir)
+    result = answer(model, tok, "How do I serve the API?", {"README.md": readme})
+    assert "mlxllama serve" in result.answer and not result.no_answer
+    e = result.evidence
+    assert e["source"] == "README.md" and readme[e["start"]:e["end"]] == e["text"] and "mlxllama serve" in e["text"]
+    assert [c["heading"] for c in result.citations] == [heading_at(readme, e["start"])]  # the section it is in
+
+
 @pytest.mark.parametrize("extractive", [False, True], ids=["generative", "extractive"])
 def test_prompt_lookup_drafts_from_the_documents(tiny, monkeypatch, extractive):
     """The session's prompt is one token after the cached documents: prompt lookup drafts from the
-    documents too, so an answer copied from them comes from accepted drafts. Extractive answers
-    decode plainly (their span constraint follows one token at a time)."""
+    documents too, so an answer copied from them comes from accepted drafts; an extractive
+    answer's free answer too (its span constraint, when needed, follows one token at a time)."""
     import mlxllama.qa.session as qs
 
     _, tok = tiny
@@ -389,7 +419,7 @@ def test_prompt_lookup_drafts_from_the_documents(tiny, monkeypatch, extractive):
     model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Paris, France")))
     session = QASession(model, tok, CONTEXT, prompt_lookup=4, no_answer_threshold=None, extractive=extractive)
     assert session.ask("Where?").answer == "Paris, France"
-    assert (sum(drafted) >= 6) if not extractive else not any(drafted)
+    assert sum(drafted) >= 6
 
 
 @pytest.mark.parametrize("prompt_lookup", [0, 2])
@@ -405,7 +435,7 @@ def test_generative_answer_and_evidence(tiny, prompt_lookup):
 
 # -- the short answer inside a generated sentence ------------------------------------------------
 
-from mlxllama.qa.concise import concise_answer, grounded  # noqa: E402
+from mlxllama.qa.concise import asks_how, code_spans, command_answer, concise_answer, grounded  # noqa: E402
 
 LOVELACE = ("Ada Lovelace was born on 10 December 1815 in London. Her father was the poet Lord Byron. "
             "With Charles Babbage she worked on the Analytical Engine. Uhuru Peak rises 5,895 metres above sea "
@@ -426,6 +456,54 @@ def test_concise_answer_keeps_what_the_question_lacks(sentence, question, short)
     assert short in LOVELACE  # always text the documents hold
 
 
+def test_concise_answer_reads_a_list_item():
+    steps = "1. Plug in the router.\n2. Wait until the status light turns solid green."
+    assert concise_answer("1. The status light turns solid green.", "What colour does the status light turn?",
+                          [steps]) == "solid green"
+
+
+def test_extractive_span_without_what_restates_the_question(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ada Lovelace was born on 10 December 1815")))
+    result = answer(model, tok, "When was Ada Lovelace born?", LOVELACE, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer == "10 December 1815" and result.sentence == "Ada Lovelace was born on 10 December 1815"
+    assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == result.answer == result.evidence["text"]
+    whole = answer(model, tok, "When was Ada Lovelace born?", LOVELACE, extractive=True, no_answer_threshold=-1e9,
+                   concise=False)
+    assert whole.answer == "Ada Lovelace was born on 10 December 1815" and whole.sentence is None
+
+
+def test_extractive_answer_is_the_documents_spelling_of_the_free_answer(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("paris,  france")))
+    result = answer(model, tok, "Where?", CONTEXT, extractive=True, no_answer_threshold=-1e9)
+    assert result.answer == "Paris, France" == CONTEXT[result.evidence["start"]:result.evidence["end"]]
+    assert result.sentence == "paris,  france"  # the model's own spelling
+
+
+def test_calibrated_rule_answers_even_when_the_model_says_no_answer(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Not mentioned in the context.")))
+    alone = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    assert alone.no_answer  # the model deciding alone
+    ruled = QASession(model, tok, LOVELACE, no_answer_threshold=-1e9).ask("When was Ada Lovelace born?")
+    assert not ruled.no_answer and ruled.answer in LOVELACE  # the rule said answer: the best span
+    e = ruled.evidence
+    assert LOVELACE[e["start"]:e["end"]] == ruled.answer
+
+
+def test_generated_answer_falling_back_to_a_span_is_shortened_too(tiny, monkeypatch):
+    import mlxllama.qa.session as qs
+
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ada Lovelace was born on 10 December 1815")))
+    monkeypatch.setattr(qs, "grounded", lambda answer, passages: False)  # as if the words were not read there
+    result = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    # the best span instead ("Ada Lovelace was born on 10 December 1815"), then its short form
+    assert result.answer == "10 December 1815" and result.sentence == "Ada Lovelace was born on 10 December 1815"
+    assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == result.answer
+
+
 def test_concise_answer_leaves_short_or_unfound_answers_alone():
     assert concise_answer("1815", "When was she born?", [LOVELACE]) is None  # already short
     assert concise_answer("She was born in Vienna in 1820.", "When was she born?", [LOVELACE]) is None  # not there
@@ -433,8 +511,11 @@ def test_concise_answer_leaves_short_or_unfound_answers_alone():
 
 
 def test_concise_answer_in_chinese():
-    passage = "空间站运行在约400公里高的轨道上，通常由三名航天员驻留。"
+    passage = "空间站运行在约400公里高的轨道上，通常由三名航天员驻留。1987年，长城被列入世界遗产名录。"
     assert concise_answer("空间站运行在约400公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) == "约400公里"
+    # the clause that restates the question goes, whichever comes first
+    assert concise_answer("1987年，长城被列入世界遗产名录。", "长城哪一年被列入世界遗产名录？", [passage]) == "1987年"
+    assert concise_answer("长城被列入世界遗产名录，1987年", "长城哪一年被列入世界遗产名录？", [passage]) == "1987年"
     assert concise_answer("空间站运行在约500公里高的轨道上", "空间站运行在多高的轨道上？", [passage]) is None
 
 
@@ -442,6 +523,72 @@ def test_grounded_answers_share_a_word_with_the_documents():
     assert grounded("Lord Byron", [LOVELACE]) and grounded("the poet", [LOVELACE])
     assert not grounded("1889", [LOVELACE])  # the prompt's worked example, not the documents
     assert grounded("...", [LOVELACE])  # nothing to check
+
+
+# a section of a README: a table of commands, one of whose examples holds the question itself
+USAGE = """# tool
+
+Run `tool --help` for the options.
+
+## Commands
+
+| command | example | what it does |
+| --- | --- | --- |
+| `qa` | `tool qa --context docs/ "How do I serve the API?"` | answer questions about documents |
+| `serve` | `tool serve --port 8080` | an HTTP server for the API |
+
+```
+tool/         the package
+  serve/      the HTTP server
+```
+
+```bash
+pip install tool && tool convert ./model -o ./out
+```
+"""
+
+
+def test_code_spans_are_exact_offsets_without_backticks():
+    spans = [USAGE[a:b] for a, b in code_spans(USAGE)]
+    assert spans[:3] == ["tool --help", "qa", 'tool qa --context docs/ "How do I serve the API?"']
+    assert "tool serve --port 8080" in spans and "pip install tool && tool convert ./model -o ./out" in spans
+    assert "tool/         the package" in spans  # a fenced line, kept whole
+    assert not any("`" in s for s in spans)
+
+
+@pytest.mark.parametrize("question, command", [
+    ("How do I serve the API?", "tool serve --port 8080"),  # not the example holding the question
+    ("how can I install it", "pip install tool && tool convert ./model -o ./out"),
+    ("How to convert a model?", "pip install tool && tool convert ./model -o ./out"),
+    ("How do I see the options?", None),  # no code holds a word of the question
+    ("Where is the HTTP server?", None),  # not a question about how to do something
+])
+def test_command_answer_for_how_to_questions(question, command):
+    found = command_answer(question, ["No code here, only prose about serving.", USAGE])
+    assert (found and USAGE[found[1]:found[2]]) == command and (found is None or found[0] == 1)
+
+
+def test_asks_how():
+    assert asks_how("How do I serve the API?") and asks_how("how to export a GGUF") and asks_how("How can we run it?")
+    assert not asks_how("How does Rust guarantee memory safety?") and not asks_how("How long is the term?")
+
+
+@pytest.mark.parametrize("extractive", [False, True], ids=["generative", "extractive"])
+def test_how_to_question_is_answered_with_the_command(tiny, extractive):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("You can run this command:")))
+    if extractive:
+        model = ScriptedModel(tok, by_bytes(tok, *bytes_of("How do I serve the API?")))
+    pieces = []
+    result = QASession(model, tok, {"README.md": USAGE}, extractive=extractive,
+                       no_answer_threshold=None if not extractive else -1e9).ask("How do I serve the API?", pieces.append)
+    assert result.answer == "tool serve --port 8080" and not result.no_answer
+    e = result.evidence
+    assert USAGE[e["start"]:e["end"]] == e["text"] == result.answer and e["source"] == "README.md"
+    assert result.citations[0]["heading"] == "tool > Commands"
+    assert result.answer in "".join(pieces)  # shown after the model's sentence, or as the span
+    if not extractive:
+        assert result.sentence == "You can run this command:"
 
 
 def test_generated_sentence_is_shortened_and_kept(tiny):

@@ -13,7 +13,7 @@ import pytest
 from mlxllama.models.cache import KVCache
 from mlxllama.qa import Document, QASession, answer
 from mlxllama.qa.rerank import question_likelihoods, rerank
-from mlxllama.qa.retrieve import Chunk, heading_at, rank, split_sections, terms
+from mlxllama.qa.retrieve import Chunk, coverage, heading_at, question_terms, rank, split_sections, terms
 from test_qa import CONTEXT, ScriptedModel, by_bytes, bytes_of, tiny, tiny_dir  # noqa: F401 (fixtures)
 
 TOPICS = ["budget", "safety", "garden", "library", "transport", "parking", "catering", "cleaning"]
@@ -51,6 +51,16 @@ def test_section_chunks_keep_paragraphs_headings_and_offsets():
 def test_stemming_and_stopwords():
     assert terms("How do I serve the API?") == terms("serving apis")
     assert "the" not in terms("the serving") and "serv" in terms("served")
+
+
+def test_coverage_leaves_out_the_words_of_the_question_form():
+    invoice = [Chunk("invoice.txt", 0, 40, "40 oak shelves at $85.00 each", heading="Invoice")]
+    assert question_terms("How long must the reset button be held?") == set(terms("reset button held"))
+    assert coverage("How many oak shelves?", invoice) == 1.0  # "many" is the form, not the topic
+    assert coverage("How much does one oak shelf cost?", invoice) == 0.5  # shelf ~ shelves; "one", "cost" absent
+    assert coverage("What colour are the oak chairs?", invoice) == pytest.approx(1 / 3)
+    assert coverage("大熊猫生活在哪些省份？", [Chunk("a", 0, 9, "大熊猫生活在四川省份")]) == 1.0
+    assert coverage("the?", invoice) == 1.0  # nothing to look for
 
 
 def test_retrieval_finds_the_needle_section_in_a_50_page_document():

@@ -30,8 +30,9 @@ def qa_options(f):
     f = generation_option("temp")(f)
     f = generation_option("max_tokens", default=64, lo=1, help="Longest answer in tokens.")(f)
     f = click.option("--no-answer-threshold", default="auto", show_default=True,
-                     help="Answer only when the answer's log-likelihood beats the no-answer phrase's by this "
-                          "much; 'off' lets the model decide alone (generative answers then stream).")(f)
+                     help="Answer only when the confidence (the model's margin for answering over the no-answer "
+                          "phrase, plus a weight times the share of the question's words the passages hold) "
+                          "reaches this; 'off' lets the model decide alone.")(f)
     f = click.option("--rerank", type=click.IntRange(min=0), default=6, show_default=True,
                      help="Rerank the best N BM25 chunks by the model's likelihood of the question (0: off).")(f)
     f = click.option("--top-chunks", type=click.IntRange(min=1), default=4, show_default=True,
@@ -42,8 +43,8 @@ def qa_options(f):
                      help="Most document tokens the model reads; longer documents are chunked on paragraphs "
                           "and headings, ranked with BM25 and reranked by the model.")(f)
     f = click.option("--full-answer", is_flag=True,
-                     help="Keep the model's whole sentence as the answer (generative mode); by default the "
-                          "answer is the short part of it the documents hold word for word.")(f)
+                     help="Keep the model's whole sentence (with --extractive, the whole decoded span) as the "
+                          "answer; by default the answer is the short part of it the documents hold word for word.")(f)
     f = click.option("--extractive", is_flag=True,
                      help="The answer is a span copied from the context, never invented text.")(f)
     return f

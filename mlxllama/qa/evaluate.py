@@ -24,7 +24,8 @@ def evaluate(model, tokenizer, items: list[dict], *, progress: Callable[[int, di
         pred = {"id": item["id"], "question": item["question"], "prediction": result.answer,
                 "no_answer": result.no_answer, "answers": item["answers"], "em": em, "f1": f1,
                 "score": round(result.score, 4), "margin": result.margin, "coverage": result.coverage,
-                "confidence": result.confidence, "seconds": round(result.seconds, 3)}
+                "confidence": result.confidence, "seconds": round(result.seconds, 3),
+                "sentence": result.sentence, "evidence": result.evidence, "chunks": result.chunks}
         preds.append(pred)
         if progress:
             progress(i, pred)

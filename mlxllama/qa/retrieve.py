@@ -200,13 +200,33 @@ def heading_at(text: str, offset: int) -> str:
     return heading
 
 
+# words that belong to the question's form, not to what it is about: "how *long* *must* it be held",
+# "什么", "哪里": the passages holding the answer rarely hold them
+_ASKING = re.compile(r"\bhow\s+(?:many|much|long|old|high|large|big|far|often|tall|wide|deep|soon|heavy|fast)\b"
+                     r"|\b(?:must|would|could|might|shall)\b"
+                     r"|什么|哪里|哪儿|哪些|哪个|哪一|哪|多少|多长|多高|多大|多久|多远|几|谁|吗|呢|怎么|怎样|如何|为什么|是否",
+                     re.IGNORECASE)
+
+
+def question_terms(question: str) -> set[str]:
+    """The question's terms without the words of its form ("how many", "什么")."""
+    return set(terms(_ASKING.sub(" ", question)))
+
+
 def coverage(question: str, chunks: list[Chunk]) -> float:
-    """The share of the question's terms (stemmed, no stopwords) that occur in the chunks: 1.0 when
-    every content word of the question is there. One signal for "not in the documents"."""
-    wanted = set(terms(question))
+    """The share of the question's terms (stemmed, no stopwords, not the words of its form such as
+    "how many") that occur in the chunks: 1.0 when every content word of the question is there. A
+    term of five or more characters also counts when a term of the chunks differs from it only in
+    its last character (the stemmer keeps "shelf" and "shelv" apart). One signal for "not in the
+    documents"."""
+    wanted = question_terms(question)
     if not wanted:
         return 1.0
-    present: set[str] = set()
+    have: set[str] = set()
     for c in chunks:
-        present |= set(terms(f"{c.heading}\n{c.text}")) & wanted
+        have |= set(terms(f"{c.heading}\n{c.text}"))
+    present = wanted & have
+    for w in wanted - present:
+        if len(w) >= 5 and any(len(h) >= len(w) - 1 and h[: len(w) - 1] == w[:-1] for h in have):
+            present.add(w)
     return len(present) / len(wanted)

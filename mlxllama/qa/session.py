@@ -31,7 +31,7 @@ from ..errors import InputError
 from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
 from ..models.cache import maybe_quantize
-from .concise import concise_answer, grounded
+from .concise import command_answer, concise_answer, grounded
 from .context import ContextLike, as_documents
 from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
@@ -42,8 +42,8 @@ DEFAULT_MAX_CONTEXT = 1500  # tokens of documents the model reads by default
 # confidence = margin + COVERAGE_WEIGHT * coverage; answer only when it reaches the threshold.
 # Chosen on the tuning split of examples/qa_dev.jsonl for the default 135M model (see docs/qa.md);
 # with larger models try a threshold of 0. None leaves the decision to the model alone.
-COVERAGE_WEIGHT = {"generative": 8.0, "extractive": 10.0}
-NO_ANSWER_THRESHOLD = {"generative": 1.0, "extractive": 3.5}
+COVERAGE_WEIGHT = {"generative": 17.5, "extractive": 17.5}
+NO_ANSWER_THRESHOLD = {"generative": 9.5, "extractive": 9.5}
 # an extractive span is trimmed to the shortest one whose log P(span + EOS) is within this of the best
 SPAN_MARGIN = 1.5
 _SENTENCE = re.compile(r"[^\n.!?。！？]+[.!?。！？]*")
@@ -326,55 +326,153 @@ class QASession:
         answer = text.strip().rstrip("\ufffd").strip()
         score = math.exp(logprob / n) if n else 0.0
         passages = [c.text for c in chunks]
-        if answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages)):
+        refused = judged and bool(answer) and is_no_answer(answer)  # the calibrated rule has decided to answer
+        if refused or (answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages))):
             # a question is no answer, nor text the documents do not hold: the best span instead
             self._rewind()
-            result = self._extract(question, chunks, last, step0, na_lp, phrase, None)
+            result = self._extract(question, chunks, last, step0, na_lp, phrase, None, free=False)
             result.extractive, result.margin = False, margin
             if on_text and not result.no_answer:
                 on_text(("\n" if shown else "") + result.answer)
             return result
         if not answer or is_no_answer(answer):
             return self._no_answer(question, margin, n)
+        command = self._command(question, chunks, answer) if self.concise else None
+        if command is not None:
+            if on_text and command["text"] not in answer:  # the sentence streamed; the command follows it
+                on_text((" " if shown else "") + command["text"])
+            return Answer(question, command["text"], False, command, score, generation_tokens=n, margin=margin,
+                          sentence=answer)
         short = concise_answer(answer, question, passages) if self.concise else None
         return Answer(question, short or answer, False, self._evidence(short or answer, chunks), score,
                       generation_tokens=n, margin=margin, sentence=answer if short else None)
 
-    def _extract(self, question, chunks, last, step0, na_lp, phrase, on_text) -> Answer:
-        """The margin decides first; then the best span, by constrained decoding (it may not begin
-        with the no-answer phrase's first token)."""
+    def _extract(self, question, chunks, last, step0, na_lp, phrase, on_text, free: bool = True) -> Answer:
+        """The margin decides first. Then (with `free`) the model answers freely: when the documents
+        hold its short answer (or its whole answer) word for word, that occurrence is the span.
+        Otherwise the best span, by constrained decoding (it may not begin with the no-answer
+        phrase's first token)."""
         from .span import SpanConstraint, SpanContext
 
-        key = tuple((c.source, c.start, c.end) for c in chunks)
+        texts = [c.text for c in chunks]
+        quoted = " ".join(question.split()).lower()  # a span never is the question, where the documents quote it
+        quoted = quoted if any(quoted in " ".join(t.split()).lower() for t in texts) else None
+        key = (tuple((c.source, c.start, c.end) for c in chunks), quoted)
         if key not in self._span_contexts:
-            self._span_contexts = {key: SpanContext(self.tokenizer, [c.text for c in chunks])}
+            self._span_contexts = {key: SpanContext(self.tokenizer, texts, exclude=quoted)}
         context = self._span_contexts[key]
         margin = self._margin(step0, context.first_tokens(), na_lp, phrase)
         if self._rejects(margin):
             if on_text:
                 on_text(NO_ANSWER)
             return self._no_answer(question, margin)
+        said, tokens, found = "", [], None
+        if free:
+            said, tokens, prefixes = self._free_answer(last, phrase, step0)
+            if said and not is_no_answer(said) and not echoes(said, question):
+                short = concise_answer(said, question, texts) if self.concise else None
+                found = context.find(short) if short else None
+                if found is None:
+                    whole = context.find(said)  # the model answered with a span: as short as it supports
+                    found = self._supported_prefix(said, whole, context, prefixes) if whole else None
+        command = self._command(question, chunks, said)
+        if command is not None or found is not None:
+            # a procedure asked for: the command the passages give for it; else the model's own answer
+            if command is not None:
+                evidence = command
+            else:
+                chunk = chunks[found.chunk]
+                evidence = {"source": chunk.source, "start": chunk.start + found.start,
+                            "end": chunk.start + found.end, "text": found.text}
+            lp, n = self._score_text(last, evidence["text"])
+            result = Answer(question, evidence["text"], False, evidence, math.exp(lp / n) if n else 0.0,
+                            extractive=True, generation_tokens=len(tokens), margin=margin,
+                            sentence=said if said and said != evidence["text"] else None)
+            if on_text:
+                on_text(result.answer)
+            return result
         constraint = SpanConstraint(context, self.tokenizer, ban_first=phrase[0])
         kwargs = {k: v for k, v in self.gen_kwargs.items() if k not in ("prompt_lookup", "draft_model", "stop")}
-        tokens, eos = [], None
+        eos, spelt = None, []
         for r in self._stream(last, [constraint], kwargs):
             if r.token in self.tokenizer.eos_token_ids:
                 eos = r.token
             elif r.token >= 0:
-                tokens.append(r.token)
+                spelt.append(r.token)
         self._rewind()
-        span, span_lp, n = shortest_span(context, constraint, tokens, eos, self._score_text, last)
+        span, span_lp, n = shortest_span(context, constraint, spelt, eos, self._score_text, last)
+        tokens += spelt
         if span is None:
             result = self._no_answer(question, margin, len(tokens))
         else:
+            decoded = span
+            span = self._shorter_span(span, question, texts) if self.concise else span
             chunk = chunks[span.chunk]
             start, end = chunk.start + span.start, chunk.start + span.end
             evidence = {"source": chunk.source, "start": start, "end": end, "text": span.text}
             result = Answer(question, span.text, False, evidence, math.exp(span_lp / n) if n else 0.0,
-                            extractive=True, generation_tokens=len(tokens), margin=margin)
+                            extractive=True, generation_tokens=len(tokens), margin=margin,
+                            sentence=decoded.text if span is not decoded else None)
         if on_text:
             on_text(result.answer)
         return result
+
+    def _free_answer(self, last: int, phrase: list[int], step0: mx.array) -> tuple[str, list[int], list[tuple[str, float]]]:
+        """The model's unconstrained answer (not beginning with the no-answer phrase's first token),
+        its tokens, and for each token the text so far with log P(that text, then the end of the
+        answer); the cache is left as it was."""
+        text, tokens, steps = "", [], []  # steps: (text after token k, log P(tokens 0..k)), log P dists
+        run, dists = 0.0, []
+        for r in self._stream(last, [BanFirst(phrase[0])]):
+            if r.token < 0:
+                continue
+            dist = step0 if not tokens else r.logprobs
+            dists.append(dist)
+            tokens.append(r.token)
+            if r.token in self.tokenizer.eos_token_ids:
+                break
+            run += float(dist[r.token].item())
+            text += r.text
+            steps.append((text, run))
+        self._rewind()
+        eos = sorted(self.tokenizer.eos_token_ids)
+        prefixes = []
+        for k, (upto, lp) in enumerate(steps):
+            if k + 1 < len(dists):  # log P(the answer ends here)
+                prefixes.append((upto, lp + max(float(dists[k + 1][e].item()) for e in eos)))
+        return text.strip().rstrip("\ufffd").strip(), tokens, prefixes
+
+    def _supported_prefix(self, said: str, found, context, prefixes: list[tuple[str, float]]):
+        """The shortest prefix of the model's answer `said` (found in the documents as `found`) that
+        ends on a word and whose log P(prefix, end) is within SPAN_MARGIN of the best."""
+        scored = []
+        for upto, lp in prefixes:
+            text = upto.strip().rstrip("\ufffd").strip()
+            if not text or not said.startswith(text):
+                continue
+            rest = said[len(text):]
+            if rest and text[-1].isalnum() and rest[0].isalnum():  # inside a word
+                continue
+            span = found if text == said else context.find(text)
+            if span is not None:
+                scored.append((lp, span))
+        if not any(sp is found for _, sp in scored) and prefixes:  # it ended at a stop sequence or the token limit
+            scored.append((max(lp for _, lp in prefixes), found))
+        if not scored:
+            return found
+        best = max(lp for lp, _ in scored)
+        return min((sp for lp, sp in scored if lp >= best - SPAN_MARGIN), key=lambda sp: len(sp.text))
+
+    @staticmethod
+    def _shorter_span(span, question: str, texts: list[str]):
+        """The span without what restates the question (concise_answer), still an exact part of it."""
+        from .span import Span
+
+        short = concise_answer(span.text, question, texts)
+        i = span.text.find(short) if short else -1
+        if i < 0:
+            return span
+        return Span(span.chunk, span.start + i, span.start + i + len(short), short)
 
     def _score_text(self, last: int, text: str) -> tuple[float, int]:
         """(log P(text + EOS | prompt), tokens) with the cache at the question's last token; the
@@ -390,6 +488,16 @@ class QASession:
         return total, len(targets)
 
     # -- evidence for generated answers -------------------------------------------------------------
+
+    def _command(self, question: str, chunks: list[Chunk], said: str) -> dict | None:
+        """For a question asking how to do something, the evidence of the command (a code span of
+        the passages) that answers it, or None (see concise.command_answer)."""
+        found = command_answer(question, [c.text for c in chunks], said)
+        if found is None:
+            return None
+        i, a, b = found
+        chunk = chunks[i]
+        return {"source": chunk.source, "start": chunk.start + a, "end": chunk.start + b, "text": chunk.text[a:b]}
 
     def _evidence(self, answer: str, chunks: list[Chunk]) -> dict | None:
         """Where a generated answer is found in the passages: verbatim if possible, else the sentence

@@ -11,6 +11,7 @@ may end (EOS) only on a character boundary and not inside an ASCII word either.
 
 from __future__ import annotations
 
+import re
 import weakref
 from dataclasses import dataclass
 
@@ -63,14 +64,29 @@ class Span:
     text: str
 
 
-class SpanContext:
-    """The context side of the constraint, shared by every question about the same texts."""
+def masked(data: bytes, text: str | None) -> bytes:
+    """`data` with every occurrence of `text` (ASCII case ignored) overwritten by SEPARATOR bytes,
+    so no span holds it, and offsets stay the same."""
+    needle = " ".join((text or "").split()).encode("utf-8").lower()
+    if not needle:
+        return data
+    lower, out = data.lower(), bytearray(data)
+    i = lower.find(needle)
+    while i >= 0:
+        out[i : i + len(needle)] = SEPARATOR * len(needle)
+        i = lower.find(needle, i + len(needle))
+    return bytes(out)
 
-    def __init__(self, tokenizer, texts: list[str]):
+
+class SpanContext:
+    """The context side of the constraint, shared by every question about the same texts; text
+    equal to `exclude` (the question, where the documents quote it) is never part of a span."""
+
+    def __init__(self, tokenizer, texts: list[str], exclude: str | None = None):
         self.table = token_table(tokenizer)
         self.texts = texts
         self.encoded = [t.encode("utf-8") for t in texts]
-        self.data = SEPARATOR.join(self.encoded)
+        self.data = masked(SEPARATOR.join(self.encoded), exclude)
         self.bases = np.cumsum([0] + [len(b) + 1 for b in self.encoded])[:-1]  # byte start of each text
         arr = np.frombuffer(self.data, dtype=np.uint8)
         boundary = ((arr & 0xC0) != 0x80) & (arr != 0xFF)
@@ -131,6 +147,23 @@ class SpanContext:
         if not stripped:
             return None
         return Span(chunk, start + lead, start + lead + len(stripped), stripped)
+
+
+    def find(self, text: str) -> Span | None:
+        """The first occurrence of `text` in the texts, ignoring case and how whitespace is spelt,
+        that begins and ends where a span may (not inside an ASCII word, not in excluded text)."""
+        words = text.split()
+        if not words:
+            return None
+        lead = r"(?<![A-Za-z0-9])" if words[0][0].isascii() and words[0][0].isalnum() else ""
+        trail = r"(?![A-Za-z0-9])" if words[-1][-1].isascii() and words[-1][-1].isalnum() else ""
+        pattern = re.compile(lead + r"\s+".join(map(re.escape, words)) + trail, re.IGNORECASE)
+        for i, t in enumerate(self.texts):
+            for m in pattern.finditer(t):
+                base = int(self.bases[i]) + len(t[: m.start()].encode("utf-8"))
+                if SEPARATOR not in self.data[base : base + len(m.group().encode("utf-8"))]:
+                    return Span(i, m.start(), m.end(), m.group())
+        return None
 
 
 class SpanConstraint:
