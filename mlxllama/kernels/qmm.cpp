@@ -331,6 +331,7 @@ struct Avx512 {
   MLXLLAMA_AVX512 static F load(const float* p) { return _mm512_loadu_ps(p); }
   MLXLLAMA_AVX512 static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   MLXLLAMA_AVX512 static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  MLXLLAMA_AVX512 static F add(F a, F b) { return _mm512_add_ps(a, b); }
   // W bytes, each widened to an int32 lane
   MLXLLAMA_AVX512 static I bytes(const uint8_t* p) {
     return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
@@ -365,6 +366,7 @@ struct Avx2 {
   MLXLLAMA_AVX2 static F load(const float* p) { return _mm256_loadu_ps(p); }
   MLXLLAMA_AVX2 static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   MLXLLAMA_AVX2 static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  MLXLLAMA_AVX2 static F add(F a, F b) { return _mm256_add_ps(a, b); }
   MLXLLAMA_AVX2 static I bytes(const uint8_t* p) {
     return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
   }
@@ -399,7 +401,8 @@ template <class V, int BITS, int MB, int NR, int CH>
   const float* xp = a.xp + static_cast<size_t>(m0) * a.K;
   const size_t K = a.K;
   const F iota = V::iota();
-  F tot[NR][MB], acc[NR][MB];
+  constexpr bool SPLIT = !LUT && CH > 1; // factored: odd runs of the group in a second chain
+  F tot[NR][MB], acc[NR][MB], acc2[NR][MB];
   float bsum[NR][MB] = {};
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MB; ++m) tot[r][m] = acc[r][m] = V::zero();
@@ -412,7 +415,7 @@ template <class V, int BITS, int MB, int NR, int CH>
       }
     } else {
       for (int r = 0; r < NR; ++r)
-        for (int m = 0; m < MB; ++m) acc[r][m] = V::zero();
+        for (int m = 0; m < MB; ++m) acc[r][m] = acc2[r][m] = V::zero();
     }
     for (int c = 0; c < chunks; ++c) {
       const int chunk = g * chunks + c;
@@ -434,7 +437,8 @@ template <class V, int BITS, int MB, int NR, int CH>
               qi = V::shift_mask(v[r], i * BITS, mask);
             }
             const F w = LUT ? V::lookup(qi, table[r]) : V::to_float(qi);
-            F* dst = LUT ? tot[r] : acc[r];
+            // two chains a row: table, even and odd codes; factored, even and odd runs
+            F* dst = LUT ? ((i & 1) == 0 ? tot[r] : acc[r]) : (SPLIT && (c & 1) ? acc2[r] : acc[r]);
             for (int m = 0; m < MB; ++m) dst[m] = V::fmadd(xv[m], w, dst[m]);
           }
         }
@@ -446,7 +450,7 @@ template <class V, int BITS, int MB, int NR, int CH>
         const F sv = V::set1(sc[at]);
         const float bv = bi[at];
         for (int m = 0; m < MB; ++m) {
-          tot[r][m] = V::fmadd(acc[r][m], sv, tot[r][m]);
+          tot[r][m] = V::fmadd(SPLIT ? V::add(acc[r][m], acc2[r][m]) : acc[r][m], sv, tot[r][m]);
           bsum[r][m] += bv * a.xsum[static_cast<size_t>(m0 + m) * a.G + g];
         }
       }
@@ -454,7 +458,8 @@ template <class V, int BITS, int MB, int NR, int CH>
   }
   for (int r = 0; r < NR; ++r)
     for (int m = 0; m < MB; ++m)
-      a.out[static_cast<size_t>(m0 + m) * a.N + n + r] = V::sum(tot[r][m]) + bsum[r][m];
+      a.out[static_cast<size_t>(m0 + m) * a.N + n + r] = LUT ? V::sum(V::add(tot[r][m], acc[r][m]))
+                                                             : V::sum(tot[r][m]) + bsum[r][m];
 }
 
 template <class V, int BITS, int MB, int CH>
