@@ -189,7 +189,7 @@ def use_kernel(model: nn.Module, scale_dtype: mx.Dtype | None = None) -> int:
     if _qmm is None:
         return 0
     count = 0
-    half = scale_dtype if scale_dtype in (mx.float16, mx.bfloat16) else None
+    half = scale_dtype if scale_dtype is not None and scale_dtype in (mx.float16, mx.bfloat16) else None
     for _, m in model.named_modules():
         if half is not None and isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and \
                 m.get("biases") is not None and supports(m.bits, m.group_size, getattr(m, "mode", "affine")):
