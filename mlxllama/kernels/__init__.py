@@ -4,8 +4,10 @@
 `mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size, bits)` (affine mode) for
 float32 x, multi-threaded and vectorised. `KernelQuantizedLinear` / `KernelQuantizedEmbedding` are
 nn.QuantizedLinear / nn.QuantizedEmbedding that use it where it applies (same parameters, so
-saving, LoRA and mlx-lm see ordinary quantized layers). Without the extension (no compiler at
-install time, or MLXLLAMA_NO_KERNEL=1) everything falls back to MLX's own operation.
+saving, LoRA and mlx-lm see ordinary quantized layers). `decode_layers` runs a model's blocks for
+one token as three native operations each (decode.cpp; models.backend.CPUBackend.layers calls it).
+Without the extension (no compiler at install time, or MLXLLAMA_NO_KERNEL=1) everything falls back
+to MLX's own operations.
 """
 
 from __future__ import annotations
