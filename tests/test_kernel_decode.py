@@ -166,3 +166,29 @@ def test_thread_pool_survives_jobs_of_changing_sizes():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_the_engine_decodes_one_row_through_the_fused_blocks(tmp_path, monkeypatch):
+    """The server's engine with one request: plain caches over its buffers, the fused path, the same
+    greedy text as generate (and as the engine with a second row, which runs op by op)."""
+    import mlxllama
+
+    model, tokenizer = mlxllama.load(str(write_model(tmp_path / "m", quantize={"group_size": 32, "bits": 4})))
+    prompt = [1, 5, 9, 200, 3, 7]
+    calls = []
+    real = kernels.decode_layers
+
+    def spy(*a):
+        out = real(*a)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(kernels, "decode_layers", spy)
+    alone = mlxllama.batch_generate(model, tokenizer, [prompt], max_tokens=12)[0]
+    if not calls:
+        pytest.skip("the random model stopped at once")
+    assert all(calls)
+    calls.clear()
+    pair = mlxllama.batch_generate(model, tokenizer, [prompt, [2, 4, 6]], max_tokens=12)[0]
+    assert not any(calls)
+    assert alone == pair == mlxllama.generate(model, tokenizer, prompt, max_tokens=12)

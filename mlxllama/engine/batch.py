@@ -202,8 +202,31 @@ class PaddedBatch:
     def step(self, tokens: mx.array) -> mx.array:
         """tokens (B,) -> logits (B, V) for the next position of every row."""
         layer = self.layers[0]
+        if layer.pad_list == [0] and not layer.quantized:
+            return self._step_one(tokens)
         mask = padding_mask(layer.pad, layer.length, 1) if any(layer.pad_list) else None  # (B, 1, 1, S+1)
         logits = self.model(tokens[:, None], cache=self.layers, mask=mask)[:, -1, :]
+        self.layers = [c.maybe_quantize() for c in self.layers]
+        return logits
+
+    def _step_one(self, tokens: mx.array) -> mx.array:
+        """One unpadded row: the same step through plain KVCaches over the same buffers, the form the
+        model's fastest decode takes (the CPU's fused blocks, models.backend). The layers let go of
+        their buffers meanwhile, so the model can write them in place."""
+        caches = []
+        for layer in self.layers:
+            c = KVCache()
+            c.keys, c.values, c.offset = layer.keys, layer.values, layer.length
+            layer.keys = layer.values = None
+            caches.append(c)
+        try:
+            logits = self.model(tokens[:, None], cache=caches)[:, -1, :]
+        finally:
+            for layer, c in zip(self.layers, caches):
+                if c.keys is not None:
+                    layer.keys, layer.values = c.keys, c.values
+                    layer.offset = layer.offset + (c.offset - layer.length)
+                    layer.length = c.offset
         self.layers = [c.maybe_quantize() for c in self.layers]
         return logits
 
