@@ -34,7 +34,8 @@ def decode(model, prompt, steps, fused=True, monkeypatch=None, cache=None):
     return np.stack(out), cache
 
 
-def uses_fused(model, monkeypatch) -> bool:
+def spy_fused(monkeypatch) -> list:
+    """Replaces kernels.decode_layers by a spy; the list gets, per call, whether the fused path ran."""
     calls = []
     real = kernels.decode_layers
 
@@ -44,6 +45,11 @@ def uses_fused(model, monkeypatch) -> bool:
         return out
 
     monkeypatch.setattr(kernels, "decode_layers", spy)
+    return calls
+
+
+def uses_fused(model, monkeypatch) -> bool:
+    calls = spy_fused(monkeypatch)
     decode(model, [1, 2, 3], 1)
     monkeypatch.undo()
     return calls == [True]
@@ -97,14 +103,7 @@ def test_cache_buffers_are_written_in_place_unless_shared(tmp_path):
 
 def test_other_caches_and_batches_take_the_plain_path(tmp_path, monkeypatch):
     model, _ = load_model(write_model(tmp_path / "m", quantize={"group_size": 32, "bits": 4}), stack=True)
-    calls = []
-    real = kernels.decode_layers
-    def spy(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(kernels, "decode_layers", spy)
+    calls = spy_fused(monkeypatch)
     rotating = model.make_cache(max_kv_size=64)
     model(mx.array([[1, 2, 3]]), cache=rotating)
     mx.eval(model(mx.array([[4]]), cache=rotating))
@@ -175,15 +174,7 @@ def test_the_engine_decodes_one_row_through_the_fused_blocks(tmp_path, monkeypat
 
     model, tokenizer = mlxllama.load(str(write_model(tmp_path / "m", quantize={"group_size": 32, "bits": 4})))
     prompt = [1, 5, 9, 200, 3, 7]
-    calls = []
-    real = kernels.decode_layers
-
-    def spy(*a):
-        out = real(*a)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(kernels, "decode_layers", spy)
+    calls = spy_fused(monkeypatch)
     alone = mlxllama.batch_generate(model, tokenizer, [prompt], max_tokens=12)[0]
     if not calls:
         pytest.skip("the random model stopped at once")

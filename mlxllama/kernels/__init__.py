@@ -72,10 +72,14 @@ def info() -> dict:
 SCALE_DTYPES = (mx.float32, mx.float16, mx.bfloat16)  # what the kernel reads scales and biases as
 
 
-def _applies(layer, x: mx.array) -> bool:
+def _scales_readable(layer) -> bool:
+    """Whether the kernel reads the layer's scales and biases as they are."""
     biases = layer.get("biases")
-    return (x.dtype == mx.float32 and biases is not None and layer["scales"].dtype in SCALE_DTYPES
-            and biases.dtype == layer["scales"].dtype)
+    return biases is not None and layer["scales"].dtype in SCALE_DTYPES and biases.dtype == layer["scales"].dtype
+
+
+def _applies(layer, x: mx.array) -> bool:
+    return x.dtype == mx.float32 and _scales_readable(layer)
 
 
 class KernelQuantizedLinear(nn.QuantizedLinear):
@@ -107,9 +111,8 @@ class KernelQuantizedEmbedding(nn.QuantizedEmbedding):
 
 
 def _kernel_linear(m) -> bool:
-    if type(m) is not KernelQuantizedLinear or "bias" in m or m.get("biases") is None:
-        return False
-    return m["scales"].dtype in SCALE_DTYPES and m["biases"].dtype == m["scales"].dtype
+    """A bias-free KernelQuantizedLinear the fused decode can read."""
+    return type(m) is KernelQuantizedLinear and "bias" not in m and _scales_readable(m)
 
 
 def _block_weights(block):
@@ -122,14 +125,11 @@ def _block_weights(block):
     projs = (attn.get("qkv_proj"), attn.get("o_proj"), mlp.get("gate_up_proj"), mlp.get("down_proj"))
     weights = [norm_in.get("weight")]
     for i, p in enumerate(projs):
-        if type(p) is not KernelQuantizedLinear or "bias" in p:
-            return None
-        scales, biases = p.get("scales"), p.get("biases")
-        if biases is None or scales.dtype not in SCALE_DTYPES or biases.dtype != scales.dtype:
+        if not _kernel_linear(p):
             return None
         if i == 2:
             weights.append(norm_post.get("weight"))
-        weights += [p.get("weight"), scales, biases]
+        weights += [p.get("weight"), p.get("scales"), p.get("biases")]
     if weights[0] is None or weights[7] is None or weights[0].dtype != mx.float32 or weights[7].dtype != mx.float32:
         return None
     return weights, [p.group_size for p in projs], [p.bits for p in projs]

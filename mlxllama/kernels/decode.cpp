@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <optional>
 #include <cstring>
 #include <stdexcept>
@@ -17,6 +16,7 @@
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
+#include "qmm.h"
 #include "qmm_internal.h"
 
 #if defined(__x86_64__)
@@ -120,16 +120,12 @@ __attribute__((target("avx512f"))) void attend_avx512(const float* q, const floa
   for (int c = 0; c < vecs; ++c) _mm512_storeu_ps(out + 16 * c, acc[c]);
 }
 
-const bool kAvx512 = [] {
-  __builtin_cpu_init();
-  const char* cap = std::getenv("MLXLLAMA_KERNEL_ISA"); // the same cap as the matmul's
-  return __builtin_cpu_supports("avx512f") && !(cap && (std::strcmp(cap, "avx2") == 0 || std::strcmp(cap, "generic") == 0));
-}();
 #endif
 
 void attend(const float* q, const float* k, const float* v, int n, int dh, float scale, float* scores, float* out) {
 #if defined(__x86_64__)
-  if (kAvx512 && dh % 16 == 0 && dh <= 16 * kMaxVecs) return attend_avx512(q, k, v, n, dh, scale, scores, out);
+  static const bool avx512 = std::strcmp(qmm_isa(), "avx512") == 0; // the matmul's choice (and its cap)
+  if (avx512 && dh % 16 == 0 && dh <= 16 * kMaxVecs) return attend_avx512(q, k, v, n, dh, scale, scores, out);
 #endif
   attend_generic(q, k, v, n, dh, scale, scores, out);
 }

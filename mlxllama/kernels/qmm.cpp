@@ -784,31 +784,17 @@ void quantized_matmul_cpu(const mx::array& x, const mx::array& w, const mx::arra
   const int K = x.shape(-1);
   const int M = static_cast<int>(x.size() / std::max(1, K));
   const int N = w.shape(0);
-  Args a{};
-  a.w = reinterpret_cast<const uint8_t*>(w.data<uint32_t>());
-  a.scales = scales.data<void>();
-  a.biases = biases.data<void>();
-  a.st = scale_type(scales.dtype());
-  a.out = out.data<float>();
-  a.M = M, a.N = N, a.K = K, a.G = K / group_size, a.group_size = group_size;
+  float* y = out.data<float>();
   if (M == 0 || N == 0) return;
   if (K == 0) {
-    std::fill(a.out, a.out + static_cast<size_t>(M) * N, 0.f);
+    std::fill(y, y + static_cast<size_t>(M) * N, 0.f);
     return;
   }
-  thread_local std::vector<float> xbuf, xpbuf, sumbuf;
+  thread_local std::vector<float> xbuf;
   xbuf.resize(static_cast<size_t>(M) * K);
   gather_rows(x, M, K, xbuf.data());
-  xpbuf.resize(static_cast<size_t>(M) * K);
-  sumbuf.resize(static_cast<size_t>(M) * a.G);
-  permute_rows(xbuf.data(), M, K, bits, group_size, xpbuf.data(), sumbuf.data());
-  a.xp = xpbuf.data();
-  a.xsum = sumbuf.data();
-  if (M > max_kernel_rows.load()) {
-    run_dense(a, bits);
-  } else {
-    run_kernel(a, bits);
-  }
+  detail::qmm_rows(xbuf.data(), M, K, w.data<uint32_t>(), scales.data<void>(), biases.data<void>(),
+                   scale_type(scales.dtype()), y, N, group_size, bits);
 }
 
 void require_contiguous(const mx::array& a, const char* what) {
