@@ -711,3 +711,14 @@ def test_chinese_question_aligned_with_its_sentence(question, expected):
     else:
         assert found.text == expected == passages[found.passage][found.start:found.end]
 
+
+def test_prompt_labels_are_not_part_of_an_answer(tiny):
+    from mlxllama.qa.prompt import strip_labels
+
+    assert strip_labels("[3] (handbook.md - Pensions)\n## Pensions\nThe scheme pays 5%.") == "The scheme pays 5%."
+    assert strip_labels("[1] 25 days") == "25 days" and strip_labels("## Pensions") == "Pensions"
+    assert strip_labels("(about 80) degrees") == "(about 80) degrees"  # not a label: text follows on its line
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("[1] the city of Paris")))
+    result = QASession(model, tok, CONTEXT, no_answer_threshold=None, concise=False).ask("Where did we meet?")
+    assert result.answer == "the city of Paris" and result.evidence["text"] == "the city of Paris"

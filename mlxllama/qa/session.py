@@ -34,7 +34,7 @@ from ..models.cache import maybe_quantize
 from .answer_type import typed_answer
 from .concise import command_answer, concise_answer, grounded
 from .context import ContextLike, as_documents
-from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
+from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts, strip_labels
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
 from .retrieve import whole as whole_chunk
 
@@ -324,7 +324,7 @@ class QASession:
             if on_text and len(visible) > shown:
                 on_text(visible[shown:])
                 shown = len(visible)
-        answer = text.strip().rstrip("\ufffd").strip()
+        answer = strip_labels(text.strip().rstrip("\ufffd"))  # not "[2] (notes.md - Pensions)" copied
         score = math.exp(logprob / n) if n else 0.0
         passages = [c.text for c in chunks]
         refused = judged and bool(answer) and is_no_answer(answer)  # the calibrated rule has decided to answer
@@ -376,6 +376,7 @@ class QASession:
         said, tokens, found = "", [], None
         if free:
             said, tokens, prefixes = self._free_answer(last, phrase, step0)
+            said = strip_labels(said)
             if said and not is_no_answer(said) and not echoes(said, question):
                 short = concise_answer(said, question, texts) if self.concise else None
                 found = context.find(short) if short else None
