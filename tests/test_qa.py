@@ -722,3 +722,11 @@ def test_prompt_labels_are_not_part_of_an_answer(tiny):
     model = ScriptedModel(tok, by_bytes(tok, *bytes_of("[1] the city of Paris")))
     result = QASession(model, tok, CONTEXT, no_answer_threshold=None, concise=False).ask("Where did we meet?")
     assert result.answer == "the city of Paris" and result.evidence["text"] == "the city of Paris"
+
+
+def test_typed_answer_is_not_taken_from_a_sentence_about_something_else():
+    notes = ("A doctor's note is required for every absence of more than a week. "
+             "The office opened in 1998 and a note of thanks was sent.")
+    # the second sentence holds the question's word "note" only, and its year is no answer
+    assert typed_answer("When is a doctor's note required?", [notes]) is None
+

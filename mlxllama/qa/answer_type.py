@@ -66,6 +66,8 @@ _BREAK = re.compile(r"(?<!\b[A-Z][a-z]\.)(?<!\b[A-Z]\.)(?<=[.!?])\s+(?=[^a-z0-9]
 _FUNCTION = r"(?:and|or|but|which|who|that|in|on|at|by|for|with|from|after|before|because|since|when)\b"
 _CALLED = re.compile(r"\b(?:called|named|known\s+as)\s+[\"“']?([^\s,.;:!?\"“”]+(?:\s+(?!" + _FUNCTION + r")[^\s,.;:!?\"“”]+){0,4})"
                      r"(?=[\"”']?(?:[,.;:!?)]|\s+" + _FUNCTION + r"|$))")
+# a sentence holding less than this share of the best sentence's question words is about something else
+MIN_SHARE = 0.5
 _NOT_UNITS = {"per", "each", "every", "a", "an", "plus", "times", "th", "st", "nd", "rd"}
 _COUNT = re.compile(r"\bhow\s+many\b", re.IGNORECASE)
 _LEAD = re.compile(r"^(?:about|around|roughly|approximately|nearly|almost|over|under|some|only|just|up to|at least|"
@@ -152,7 +154,8 @@ def _terms(text: str) -> set[str]:
 
 def typed_answer(question: str, passages: list[str], said: str | None = None) -> Typed | None:
     """The span of the asked kind in the best sentence holding one (see the module), or None when
-    the question asks for no kind or no sentence with such a span shares a word with it. `said` is
+    the question asks for no kind or no sentence with such a span holds at least MIN_SHARE of the
+    question's words (by weight) that the best sentence holds. `said` is
     the model's own (short) answer: it is kept when it is one of that sentence's spans. A Chinese
     or Japanese question asking which, where, what or who is answered by alignment (`aligned_cjk`)."""
     from .metrics import normalize_answer
@@ -179,11 +182,12 @@ def typed_answer(question: str, passages: list[str], said: str | None = None) ->
     q_norm = set(normalize_answer(question).split())
     said_norm = normalize_answer(said) if said else ""
 
+    top = max(sum(idf[t] for t in s[3] & asked) for s in sentences)
     best = None  # (score, Typed)
     for i, a, b, words in sentences:
         held = words & asked
         score = sum(idf[t] for t in held)
-        if score <= 0 or (best is not None and score <= best[0]):
+        if score <= 0 or score < MIN_SHARE * top or (best is not None and score <= best[0]):
             continue
         text = passages[i][a:b]
         spans = []
