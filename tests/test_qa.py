@@ -730,3 +730,11 @@ def test_typed_answer_is_not_taken_from_a_sentence_about_something_else():
     # the second sentence holds the question's word "note" only, and its year is no answer
     assert typed_answer("When is a doctor's note required?", [notes]) is None
 
+
+def test_an_answer_that_is_only_a_prompt_label_gets_the_best_span(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("[1] (notes.md)")))
+    ruled = QASession(model, tok, LOVELACE, no_answer_threshold=-1e9).ask("When was Ada Lovelace born?")
+    assert not ruled.no_answer and ruled.answer == "10 December 1815"  # the rule decided to answer
+    alone = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    assert alone.no_answer  # the model deciding alone said nothing

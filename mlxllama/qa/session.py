@@ -327,7 +327,9 @@ class QASession:
         answer = strip_labels(text.strip().rstrip("\ufffd"))  # not "[2] (notes.md - Pensions)" copied
         score = math.exp(logprob / n) if n else 0.0
         passages = [c.text for c in chunks]
-        refused = judged and bool(answer) and is_no_answer(answer)  # the calibrated rule has decided to answer
+        # the calibrated rule has decided to answer: no phrase, and no empty answer (a model that wrote
+        # only a chunk label, "[2] (notes.md)", wrote nothing)
+        refused = judged and (not answer or is_no_answer(answer))
         if refused or (answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages))):
             # a question is no answer, nor text the documents do not hold: the best span instead
             self._rewind()
