@@ -498,7 +498,8 @@ def test_generated_answer_falling_back_to_a_span_is_shortened_too(tiny, monkeypa
     _, tok = tiny
     model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ada Lovelace was born on 10 December 1815")))
     monkeypatch.setattr(qs, "grounded", lambda answer, passages: False)  # as if the words were not read there
-    result = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    # (a question of no kind answer_type knows, so the span is decoded)
+    result = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("Where was Ada Lovelace born?")
     # the best span instead ("Ada Lovelace was born on 10 December 1815"), then its short form
     assert result.answer == "10 December 1815" and result.sentence == "Ada Lovelace was born on 10 December 1815"
     assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == result.answer
@@ -599,3 +600,141 @@ def test_generated_sentence_is_shortened_and_kept(tiny):
     assert LOVELACE[result.evidence["start"]:result.evidence["end"]] == "10 December 1815"
     full = QASession(model, tok, LOVELACE, no_answer_threshold=None, concise=False).ask("When was Ada Lovelace born?")
     assert full.answer == "Ada Lovelace was born on 10 December 1815." and full.sentence is None
+
+
+# -- the kind of answer asked for: quantities, dates, names -------------------------------------
+
+from mlxllama.qa.answer_type import expected_kind, typed_answer, typed_spans  # noqa: E402
+
+MINUTES = ("The meeting was chaired by Leah Okafor on 14 March 2025. The board approved a budget of $2.4 million. "
+           "Ines Duarte will lead the hiring of 12 nurses. Construction is to begin in June. "
+           "The next meeting is on 9 May 2025 at 5 pm.")
+
+
+@pytest.mark.parametrize("question, kind", [
+    ("How many nurses will be hired?", "quantity"),
+    ("How long must the reset button be held?", "quantity"),
+    ("At what temperature should green tea be brewed?", "quantity"),
+    ("What is the IT desk extension?", "quantity"),
+    ("When is the next meeting?", "date"),
+    ("In what year was the reef declared a World Heritage Site?", "date"),
+    ("Who chaired the meeting?", "name"),
+    ("空间站通常由几名航天员驻留？", "quantity"),
+    ("天和核心舱什么时候发射？", "date"),
+    ("What does vacca mean?", None),
+    ("Which licence is required?", None),
+])
+def test_expected_kind_of_answer(question, kind):
+    assert expected_kind(question) == kind
+
+
+def test_typed_spans_take_units_but_not_what_the_question_counts():
+    text = "Green tea is brewed at 80 degrees Celsius for four to five minutes; £32,000 per year; an eight-year-old boy."
+    spans = [text[a:b] for a, b in typed_spans(text, "quantity")]
+    assert spans == ["80 degrees Celsius", "four to five minutes", "£32,000", "eight-year-old"]
+    count = "It hires 12 nurses in 2025."
+    assert [count[a:b] for a, b in typed_spans(count, "quantity", count=True)] == ["12"]  # no unit, no year
+    length = "根据2012年的测量，长城的总长度为21196千米。"
+    assert [length[a:b] for a, b in typed_spans(length, "quantity")] == ["21196千米"]
+    dates = "Rust 1.0 was released on 15 May 2015. Invoice 2024-0317 is due in June, by 1889."
+    assert [dates[a:b] for a, b in typed_spans(dates, "date")] == ["15 May 2015", "June", "1889"]
+    phone = "Daniel Osei, phone 0161 555 0178; ext. 4400."
+    assert [phone[a:b] for a, b in typed_spans(phone, "quantity")] == ["0161 555 0178", "4400"]
+    names = "The poet Lord Byron met Charles Babbage."
+    assert [names[a:b] for a, b in typed_spans(names, "name")] == ["Lord Byron", "Charles Babbage"]
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("How many nurses will be hired?", "12"),  # not the date the sentence also holds
+    ("Who will lead the hiring of nurses?", "Ines Duarte"),
+    ("Who chaired the meeting?", "Leah Okafor"),
+    ("When is construction to begin?", "June"),
+    ("When is the next meeting?", "9 May 2025 at 5 pm"),
+    ("What budget did the board approve?", "$2.4 million"),
+    ("What did the board decide?", None),  # no kind asked for: left to the model
+    ("How many patients were treated?", None),  # no sentence shares a word with it ("how many" is its form)
+])
+def test_typed_answer_is_the_span_of_the_kind_nearest_the_question(question, expected):
+    found = typed_answer(question, [MINUTES])
+    if expected is None:
+        assert found is None
+    else:
+        assert found.text == expected == MINUTES[found.start:found.end]
+
+
+def test_typed_answer_keeps_the_models_span_in_the_best_sentence_only():
+    text = "Order 2025-041 was placed by Fernhill Bakery on 3 April 2025 for 40 sacks of rye flour. It cost 90 pounds."
+    q = "How many sacks of rye flour did Fernhill Bakery order?"
+    assert typed_answer(q, [text]).text == "40"  # nearest the question's words, not the order number
+    assert typed_answer(q, [text], said="2025-041").text == "2025-041"  # the model's pick in that sentence
+    assert typed_answer(q, [text], said="90").text == "40"  # a sentence that holds none of the question's words
+    assert typed_answer("空间站运行在多高的轨道上？", ["天和核心舱于2021年4月29日发射。空间站运行在约400公里高的轨道上，通常由三名航天员驻留。"]).text \
+        == "约400公里"
+    assert typed_answer("Who started Rust?", ["Rust is a language."]) is None  # only the question's own name
+
+
+@pytest.mark.parametrize("extractive", [False, True])
+def test_question_asking_for_a_number_is_answered_with_it(tiny, extractive):
+    _, tok = tiny
+    # the model names the wrong part of the right sentence
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("Ines Duarte will lead the hiring")))
+    result = answer(model, tok, "How many nurses will be hired?", MINUTES, extractive=extractive,
+                    no_answer_threshold=-1e9)
+    assert result.answer == "12" == MINUTES[result.evidence["start"]:result.evidence["end"]]
+    assert result.sentence == "Ines Duarte will lead the hiring"
+    full = answer(model, tok, "How many nurses will be hired?", MINUTES, extractive=extractive,
+                  no_answer_threshold=-1e9, concise=False)
+    assert full.answer == "Ines Duarte will lead the hiring"  # --full-answer keeps the model's words
+
+
+def test_what_is_it_called_and_the_name_of():
+    rust = ("Its package manager is called Cargo, and packages are published on crates.io. The compiler is called "
+            "rustc. The first user was a milkmaid named Sarah Nelmes.")
+    assert typed_answer("What is Rust's package manager called?", [rust]).text == "Cargo"
+    assert typed_answer("What is the Rust compiler called?", [rust]).text == "rustc"
+    assert typed_answer("What is the name of the milkmaid?", [rust]).text == "Sarah Nelmes"
+
+
+@pytest.mark.parametrize("question, expected", [
+    ("长城东起哪里？", "山海关"),  # up to the clause's end
+    ("现存的长城大多修建于哪个朝代？", "明朝"),  # the noun after 哪个 is the answer's kind, not in the sentence
+    ("天和核心舱在哪里发射？", "海南文昌航天发射场"),  # between 在 and the last 发射 of the clause
+    ("大熊猫主要生活在哪些省份？", "四川、陕西和甘肃的山区"),
+    ("谁修建了金字塔？", None),  # nothing of the question's text in the passages
+])
+def test_chinese_question_aligned_with_its_sentence(question, expected):
+    passages = ["长城大多修建于明朝。长城东起山海关，西至嘉峪关。",
+                "核心舱“天和”于2021年4月29日在海南文昌航天发射场发射。大熊猫主要生活在四川、陕西和甘肃的山区。"]
+    found = typed_answer(question, passages)
+    if expected is None:
+        assert found is None
+    else:
+        assert found.text == expected == passages[found.passage][found.start:found.end]
+
+
+def test_prompt_labels_are_not_part_of_an_answer(tiny):
+    from mlxllama.qa.prompt import strip_labels
+
+    assert strip_labels("[3] (handbook.md - Pensions)\n## Pensions\nThe scheme pays 5%.") == "The scheme pays 5%."
+    assert strip_labels("[1] 25 days") == "25 days" and strip_labels("## Pensions") == "Pensions"
+    assert strip_labels("(about 80) degrees") == "(about 80) degrees"  # not a label: text follows on its line
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("[1] the city of Paris")))
+    result = QASession(model, tok, CONTEXT, no_answer_threshold=None, concise=False).ask("Where did we meet?")
+    assert result.answer == "the city of Paris" and result.evidence["text"] == "the city of Paris"
+
+
+def test_typed_answer_is_not_taken_from_a_sentence_about_something_else():
+    notes = ("A doctor's note is required for every absence of more than a week. "
+             "The office opened in 1998 and a note of thanks was sent.")
+    # the second sentence holds the question's word "note" only, and its year is no answer
+    assert typed_answer("When is a doctor's note required?", [notes]) is None
+
+
+def test_an_answer_that_is_only_a_prompt_label_gets_the_best_span(tiny):
+    _, tok = tiny
+    model = ScriptedModel(tok, by_bytes(tok, *bytes_of("[1] (notes.md)")))
+    ruled = QASession(model, tok, LOVELACE, no_answer_threshold=-1e9).ask("When was Ada Lovelace born?")
+    assert not ruled.no_answer and ruled.answer == "10 December 1815"  # the rule decided to answer
+    alone = QASession(model, tok, LOVELACE, no_answer_threshold=None).ask("When was Ada Lovelace born?")
+    assert alone.no_answer  # the model deciding alone said nothing

@@ -38,6 +38,16 @@ def is_no_answer(text: str) -> bool:
     return bool(_NO_ANSWER_PATTERNS.search(" ".join(text.split())))
 
 
+# what the prompt puts before a chunk ("[3] (handbook.md - Pensions)") and a Markdown heading's marks:
+# a small model sometimes copies them at the start of its answer
+_LABEL = re.compile(r"^(?:\s*(?:\[\d+\]|\((?:[^()\n]*)\)(?=\s*(?:\n|#|\[|$))|#{1,6}[ \t][^\n]*\n|#{1,6}(?=\s)))+\s*")
+
+
+def strip_labels(answer: str) -> str:
+    """The answer without the chunk numbers, chunk labels and heading marks it starts with."""
+    return _LABEL.sub("", answer, count=1).strip()
+
+
 def label(chunk: Chunk) -> str:
     """How the prompt and a citation name a chunk: its source and the section it is under."""
     return f"{chunk.source} - {chunk.heading}" if chunk.heading else chunk.source

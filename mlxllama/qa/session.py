@@ -31,9 +31,10 @@ from ..errors import InputError
 from ..generate import check_kv, context_length, stream_generate
 from ..models import make_cache
 from ..models.cache import maybe_quantize
+from .answer_type import typed_answer
 from .concise import command_answer, concise_answer, grounded
 from .context import ContextLike, as_documents
-from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts
+from .prompt import NO_ANSWER, context_block, encode_parts, is_no_answer, label, prompt_parts, strip_labels
 from .retrieve import Chunk, coverage, heading_at, rank, split_sections
 from .retrieve import whole as whole_chunk
 
@@ -323,10 +324,12 @@ class QASession:
             if on_text and len(visible) > shown:
                 on_text(visible[shown:])
                 shown = len(visible)
-        answer = text.strip().rstrip("\ufffd").strip()
+        answer = strip_labels(text.strip().rstrip("\ufffd"))  # not "[2] (notes.md - Pensions)" copied
         score = math.exp(logprob / n) if n else 0.0
         passages = [c.text for c in chunks]
-        refused = judged and bool(answer) and is_no_answer(answer)  # the calibrated rule has decided to answer
+        # the calibrated rule has decided to answer: no phrase, and no empty answer (a model that wrote
+        # only a chunk label, "[2] (notes.md)", wrote nothing)
+        refused = judged and (not answer or is_no_answer(answer))
         if refused or (answer and not is_no_answer(answer) and (echoes(answer, question) or not grounded(answer, passages))):
             # a question is no answer, nor text the documents do not hold: the best span instead
             self._rewind()
@@ -344,6 +347,12 @@ class QASession:
             return Answer(question, command["text"], False, command, score, generation_tokens=n, margin=margin,
                           sentence=answer)
         short = concise_answer(answer, question, passages) if self.concise else None
+        typed = self._typed(question, chunks, short or answer) if self.concise else None
+        if typed is not None:  # the span of the kind asked for ("how many": a number), as chosen in answer_type
+            if on_text and typed["text"].lower() not in answer.lower():
+                on_text((" " if shown else "") + typed["text"])
+            return Answer(question, typed["text"], False, typed, score, generation_tokens=n, margin=margin,
+                          sentence=answer)
         return Answer(question, short or answer, False, self._evidence(short or answer, chunks), score,
                       generation_tokens=n, margin=margin, sentence=answer if short else None)
 
@@ -369,6 +378,7 @@ class QASession:
         said, tokens, found = "", [], None
         if free:
             said, tokens, prefixes = self._free_answer(last, phrase, step0)
+            said = strip_labels(said)
             if said and not is_no_answer(said) and not echoes(said, question):
                 short = concise_answer(said, question, texts) if self.concise else None
                 found = context.find(short) if short else None
@@ -376,10 +386,14 @@ class QASession:
                     whole = context.find(said)  # the model answered with a span: as short as it supports
                     found = self._supported_prefix(said, whole, context, prefixes) if whole else None
         command = self._command(question, chunks, said)
-        if command is not None or found is not None:
-            # a procedure asked for: the command the passages give for it; else the model's own answer
-            if command is not None:
-                evidence = command
+        typed = None
+        if command is None and self.concise:  # a question asking for a number, a date or a name
+            typed = self._typed(question, chunks, found.text if found is not None else said)
+        if command is not None or typed is not None or found is not None:
+            # a procedure asked for: the command the passages give for it; a number, date or name
+            # asked for: the span of that kind; else the model's own answer
+            if command is not None or typed is not None:
+                evidence = command or typed
             else:
                 chunk = chunks[found.chunk]
                 evidence = {"source": chunk.source, "start": chunk.start + found.start,
@@ -498,6 +512,16 @@ class QASession:
         i, a, b = found
         chunk = chunks[i]
         return {"source": chunk.source, "start": chunk.start + a, "end": chunk.start + b, "text": chunk.text[a:b]}
+
+    def _typed(self, question: str, chunks: list[Chunk], said: str) -> dict | None:
+        """For a question asking for a quantity, a date or a name, the evidence of the span of that
+        kind that answers it, or None (see answer_type.typed_answer); `said` is the model's answer."""
+        found = typed_answer(question, [c.text for c in chunks], said)
+        if found is None:
+            return None
+        chunk = chunks[found.passage]
+        return {"source": chunk.source, "start": chunk.start + found.start, "end": chunk.start + found.end,
+                "text": found.text}
 
     def _evidence(self, answer: str, chunks: list[Chunk]) -> dict | None:
         """Where a generated answer is found in the passages: verbatim if possible, else the sentence
