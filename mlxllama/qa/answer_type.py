@@ -16,6 +16,9 @@ import math
 import re
 from dataclasses import dataclass
 
+from .metrics import normalize_answer
+from .retrieve import question_terms, terms
+
 _NUMBER_WORDS = ("one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|fourteen|fifteen|"
                  "sixteen|seventeen|eighteen|nineteen|twenty|thirty|forty|fifty|sixty|seventy|eighty|ninety|"
                  "hundred|a hundred|a thousand|dozen|a dozen|half")
@@ -147,8 +150,6 @@ class Typed:
 
 
 def _terms(text: str) -> set[str]:
-    from .retrieve import terms
-
     return set(terms(text))
 
 
@@ -158,9 +159,6 @@ def typed_answer(question: str, passages: list[str], said: str | None = None) ->
     question's words (by weight) that the best sentence holds. `said` is
     the model's own (short) answer: it is kept when it is one of that sentence's spans. A Chinese
     or Japanese question asking which, where, what or who is answered by alignment (`aligned_cjk`)."""
-    from .metrics import normalize_answer
-    from .retrieve import question_terms
-
     kind = expected_kind(question)
     if kind is None:
         return aligned_cjk(question, passages)
@@ -220,8 +218,6 @@ def _distance(text: str, span: tuple[int, int, str], held: set[str]) -> int:
     """How far the span is from the question's words in its sentence: for each word the sentence
     shares with the question, the words (CJK: characters) between the span and its nearest
     occurrence, summed. CJK text is matched by its character pairs."""
-    from .retrieve import terms
-
     s, e = span[0], span[1]
     toks = list(_TOKEN.finditer(text))
     inside = [k for k, m in enumerate(toks) if m.start() < e and m.end() > s]

@@ -75,6 +75,11 @@ class Answer:
 DEFAULT_PROMPT_LOOKUP = 4  # tokens drafted from n-grams of the documents (generative answers)
 
 
+def located(chunk: Chunk, start: int, end: int, text: str) -> dict:
+    """An answer's evidence: `text` at chunk-relative offsets start .. end, as document offsets."""
+    return {"source": chunk.source, "start": chunk.start + start, "end": chunk.start + end, "text": text}
+
+
 class QASession:
     """Answers questions about one context, reusing the documents' KV cache between questions."""
 
@@ -395,9 +400,7 @@ class QASession:
             if command is not None or typed is not None:
                 evidence = command or typed
             else:
-                chunk = chunks[found.chunk]
-                evidence = {"source": chunk.source, "start": chunk.start + found.start,
-                            "end": chunk.start + found.end, "text": found.text}
+                evidence = located(chunks[found.chunk], found.start, found.end, found.text)
             lp, n = self._score_text(last, evidence["text"])
             result = Answer(question, evidence["text"], False, evidence, math.exp(lp / n) if n else 0.0,
                             extractive=True, generation_tokens=len(tokens), margin=margin,
@@ -421,9 +424,7 @@ class QASession:
         else:
             decoded = span
             span = self._shorter_span(span, question, texts) if self.concise else span
-            chunk = chunks[span.chunk]
-            start, end = chunk.start + span.start, chunk.start + span.end
-            evidence = {"source": chunk.source, "start": start, "end": end, "text": span.text}
+            evidence = located(chunks[span.chunk], span.start, span.end, span.text)
             result = Answer(question, span.text, False, evidence, math.exp(span_lp / n) if n else 0.0,
                             extractive=True, generation_tokens=len(tokens), margin=margin,
                             sentence=decoded.text if span is not decoded else None)
@@ -510,8 +511,7 @@ class QASession:
         if found is None:
             return None
         i, a, b = found
-        chunk = chunks[i]
-        return {"source": chunk.source, "start": chunk.start + a, "end": chunk.start + b, "text": chunk.text[a:b]}
+        return located(chunks[i], a, b, chunks[i].text[a:b])
 
     def _typed(self, question: str, chunks: list[Chunk], said: str) -> dict | None:
         """For a question asking for a quantity, a date or a name, the evidence of the span of that
@@ -519,9 +519,7 @@ class QASession:
         found = typed_answer(question, [c.text for c in chunks], said)
         if found is None:
             return None
-        chunk = chunks[found.passage]
-        return {"source": chunk.source, "start": chunk.start + found.start, "end": chunk.start + found.end,
-                "text": found.text}
+        return located(chunks[found.passage], found.start, found.end, found.text)
 
     def _evidence(self, answer: str, chunks: list[Chunk]) -> dict | None:
         """Where a generated answer is found in the passages: verbatim if possible, else the sentence
@@ -530,9 +528,7 @@ class QASession:
         for chunk in chunks:
             i = chunk.text.lower().find(needle.lower()) if needle else -1
             if i >= 0:
-                start = chunk.start + i
-                return {"source": chunk.source, "start": start, "end": start + len(needle),
-                        "text": chunk.text[i : i + len(needle)]}
+                return located(chunk, i, i + len(needle), chunk.text[i : i + len(needle)])
         from .metrics import f1_score
 
         best, best_f1 = None, 0.0
@@ -542,9 +538,8 @@ class QASession:
                 if f1 > best_f1:
                     lead = len(m.group()) - len(m.group().lstrip())
                     text = m.group().strip()
-                    start = chunk.start + m.start() + lead
-                    best, best_f1 = {"source": chunk.source, "start": start, "end": start + len(text),
-                                     "text": text}, f1
+                    start = m.start() + lead
+                    best, best_f1 = located(chunk, start, start + len(text), text), f1
         return best
 
 
