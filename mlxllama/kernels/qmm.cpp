@@ -339,8 +339,6 @@ struct Avx512 {
   MLXLLAMA_AVX512 static I shift_mask(I v, int shift, I mask) { return _mm512_and_si512(_mm512_srli_epi32(v, shift), mask); }
   MLXLLAMA_AVX512 static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
   MLXLLAMA_AVX512 static float sum(F v) { return _mm512_reduce_add_ps(v); }
-  // (__builtin_prefetch: GCC 12 drops _mm_prefetch inlined into these target functions)
-  static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 };
 
 struct Avx2 {
@@ -380,7 +378,6 @@ struct Avx2 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
-  static void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 };
 
 // Few rows (decode). NR output columns run side by side, so the accumulators form NR * MB
@@ -396,6 +393,8 @@ struct Avx2 {
 //   gives 26 (measured here: a 4-bit 3072x576 matmul 98 -> 65 us, the 8-bit 49152x576 head
 //   2.7 -> 1.1 ms, on two threads; no change when the weights sit in the cache).
 constexpr size_t kPrefetchBytes = 4608;
+// (__builtin_prefetch: GCC 12 drops _mm_prefetch inlined into the target("avx512f") loops)
+inline void prefetch(const uint8_t* p) { __builtin_prefetch(p, 0, 3); }
 template <class V, int BITS, int MB, int NR, int CH>
 [[gnu::always_inline]] inline void rows_block(const Args& a, int m0, int n, const float* sc, const float* bi) {
   // sc, bi: the NR rows' scales and biases as float32, (NR, G)
@@ -430,7 +429,7 @@ template <class V, int BITS, int MB, int NR, int CH>
       const int chunk = g * chunks + c;
       const float* xb = xp + chunk * 16 * P;
       if ((chunk & 3) == 0) { // each row enters a new cache line: ask for the one `ahead` bytes on
-        for (int r = 0; r < NR; ++r) V::prefetch(a.w + (n + r) * row_bytes + ahead + chunk * 16);
+        for (int r = 0; r < NR; ++r) prefetch(a.w + (n + r) * row_bytes + ahead + chunk * 16);
       }
       for (int h = 0; h < HALVES; ++h) {
         I v[NR];
